@@ -1,0 +1,131 @@
+"""The pure pieces of a decoder layer: norm, RoPE, partial attention and its merge, gated MLP.
+
+Legend: T tokens, Tq query tokens, Tk key tokens, H query heads, Hkv KV heads,
+G = H / Hkv query heads per KV head, hd head dim, D hidden, I MLP width.
+Every function computes on the array module of its inputs (numpy or cupy).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import RopeConfig
+
+
+def array_module(x):
+    """numpy or cupy, whichever owns `x`."""
+    mod = type(x).__module__
+    if mod.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def rms_norm(x, weight, eps):
+    """x * weight / rms(x), over the last dim, in float32."""
+    xp = array_module(x)
+    var = xp.mean(x * x, axis=-1, keepdims=True)
+    return x * (1.0 / xp.sqrt(var + eps)) * weight
+
+
+def silu(x):
+    xp = array_module(x)
+    return x / (1.0 + xp.exp(-x))
+
+
+def gated_mlp(x, w_gate, w_up, w_down):
+    """down(silu(gate(x)) * up(x)); weights in (out, in) layout as in the checkpoint.  (T, D) -> (T, D)"""
+    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+# -- rotary position embedding ---------------------------------------------------------
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int):
+    """The rotation frequency of each pair of dims, after linear or llama3 scaling.  (hd/2,)"""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        # Stretch long wavelengths by `factor`, keep short ones, blend in between (Llama 3.1).
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / rope.factor,
+                            np.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(inv_freq, positions):
+    """cos and sin for each position, halves repeated as Hugging Face's rotate_half expects.  (T, hd)"""
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]    # (T, hd/2)
+    xp = array_module(angles)
+    angles = xp.concatenate([angles, angles], axis=-1)                     # (T, hd)
+    return xp.cos(angles), xp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each head of x by its token's position.  x (T, heads, hd), cos/sin (T, hd)"""
+    xp = array_module(x)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)     # rotate_half
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# -- attention, built from partials ----------------------------------------------------
+
+def attention_partial(q, k, v, q_pos, k_pos, scale, window=None):
+    """Causal attention of q over one block of keys, with the log-sum-exp needed to merge blocks.
+
+    q (Tq, H, hd), k and v (Hkv, Tk, hd), q_pos (Tq,), k_pos (Tk,) global positions.
+    A query sees a key when k_pos <= q_pos (and q_pos - k_pos < window, if a window is set).
+    Returns out (Tq, H, hd), normalised over this block, and lse (Tq, H); a query that sees
+    no key in the block gets out 0 and lse -inf, so merging ignores it.
+    """
+    xp = array_module(q)
+    tq, n_heads, hd = q.shape
+    n_kv = k.shape[0]
+    g = n_heads // n_kv
+    qg = q.reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
+    scores = (qg @ k.transpose(0, 2, 1)) * scale                                     # (Hkv, G*Tq, Tk)
+    scores = scores.reshape(n_kv, g, tq, -1)                                         # (Hkv, G, Tq, Tk)
+    visible = k_pos[None, :] <= q_pos[:, None]                                       # (Tq, Tk)
+    if window is not None:
+        visible &= (q_pos[:, None] - k_pos[None, :]) < window
+    if not visible.all():
+        scores = xp.where(visible, scores, -xp.inf)
+    row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full(scores.shape[:-1] + (1,), -xp.inf, scores.dtype)
+    safe_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
+    probs = xp.exp(scores - safe_max)                                                # (Hkv, G, Tq, Tk)
+    total = probs.sum(axis=-1, keepdims=True)
+    out = (probs.reshape(n_kv, g * tq, -1) @ v).reshape(n_kv, g, tq, hd)            # (Hkv, G, Tq, hd)
+    with np.errstate(divide="ignore"):
+        out = out / xp.where(total > 0, total, 1.0)
+        lse = xp.log(total[..., 0]) + safe_max[..., 0]                                # (Hkv, G, Tq)
+    out = out.transpose(2, 0, 1, 3).reshape(tq, n_heads, hd)
+    lse = lse.transpose(2, 0, 1).reshape(tq, n_heads)
+    return out, lse
+
+
+def merge_partials(outs, lses):
+    """Combine attention over disjoint key blocks: softmax-weight each block by its lse.
+
+    outs: list of (Tq, H, hd), lses: list of (Tq, H)  ->  out (Tq, H, hd), lse (Tq, H).
+    Numerically stable; a block with lse -inf contributes nothing.
+    """
+    xp = array_module(outs[0])
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse_stack = xp.stack(lses)                                   # (B, Tq, H)
+    top = lse_stack.max(axis=0)
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    weights = xp.exp(lse_stack - top)                            # (B, Tq, H)
+    total = weights.sum(axis=0)
+    out = sum(w[..., None] * o for w, o in zip(weights, outs))
+    with np.errstate(divide="ignore"):
+        out = out / xp.where(total > 0, total, 1.0)[..., None]
+        lse = xp.log(total) + top
+    return out, lse

@@ -1,0 +1,81 @@
+"""Seams: the fixed points where a parallel strategy hooks into the forward.
+
+The forward is written once. On one rank every seam is the local computation (or the
+identity); a strategy in `daskllm.parallel` returns a `Seams` with some slots replaced
+by versions that call its communicator (all-reduce after a row-parallel matmul, a ring
+of K/V blocks for attention, an all-to-all to the ranks hosting the chosen experts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from .layers import array_module, attention_partial
+
+
+def identity(x):
+    return x
+
+
+def local_embed(table, token_ids):
+    """Rows of the embedding table.  (V, D), (N,) -> (N, D)"""
+    return table[token_ids]
+
+
+def local_attend(layer, q, k, v, batch, cache, scale, window):
+    """Store this step's K/V in the cache, then attend each sequence over all it has stored.
+
+    q (N, H, hd), k and v (N, Hkv, hd) for the batch's flattened tokens -> out (N, H, hd).
+    """
+    out = array_module(q).empty_like(q)
+    for seq_id, lo, hi in batch.segments():
+        pos = batch.positions[lo:hi]
+        cache.append(layer, seq_id, k[lo:hi].transpose(1, 0, 2), v[lo:hi].transpose(1, 0, 2), pos)
+        keys, values, key_pos = cache.view(layer, seq_id)
+        out[lo:hi] = attention_partial(q[lo:hi], keys, values, pos, key_pos, scale, window)[0]
+    return out
+
+
+def local_experts(x, expert_ids, expert_weights, experts, run_expert):
+    """Run each token through its chosen experts, all held here, and sum weighted outputs.
+
+    x (N, D), expert_ids and expert_weights (N, A) -> (N, D).  `experts` maps expert id to
+    its weights; `run_expert(weights, x)` runs one expert on a group of tokens.
+    """
+    from .moe import combine_local
+    return combine_local(x, expert_ids, expert_weights, experts, run_expert)
+
+
+def local_last_hidden(hidden, batch, rows):
+    """The hidden state of the last new token of the sequences at `rows`.  -> (len(rows), D)"""
+    return hidden[[batch.offsets[r + 1] - 1 for r in rows]]
+
+
+def local_all_hidden(hidden, batch):
+    """The hidden states of all tokens of the batch, in batch order.  -> (N, D)"""
+    return hidden
+
+
+def whole_batch(batch):
+    """The tokens this rank processes: all of them."""
+    return batch
+
+
+@dataclass(frozen=True)
+class Seams:
+    """The replaceable steps of the forward; defaults are the single-rank computation."""
+    local_batch: Callable = whole_batch    # (batch) -> the part of the batch this rank processes
+    embed: Callable = local_embed          # (table, ids) -> (N, D)
+    attention_out: Callable = identity     # output of the O projection -> summed over tp ranks
+    mlp_out: Callable = identity           # output of the down projection -> summed over tp ranks
+    heads_sum: Callable = identity         # per-token partial sums over heads (OLMoE q/k norm) -> full sums
+    attend: Callable = local_attend        # (layer, q, k, v, batch, cache, scale, window) -> (N, H, hd)
+    experts: Callable = local_experts      # (x, ids, weights, experts, run_expert) -> (N, D)
+    last_hidden: Callable = local_last_hidden  # (hidden, batch, rows) -> last token of those sequences
+    all_hidden: Callable = local_all_hidden    # (hidden, batch) -> every token, batch order
+
+    def with_(self, **slots) -> "Seams":
+        return replace(self, **slots)
+
+
+LOCAL = Seams()

@@ -1,0 +1,74 @@
+"""A sharding plan is data: for every weight, how it is spread over the axes of the mesh.
+
+Specs:
+  Replicated()                  every rank of the replica holds the whole tensor
+  Split(dim, axis, sizes)       cut along `dim`; rank r of `axis` holds piece r, of `sizes[r]` rows
+  Experts(axis, owner)          MoE expert tensors: held whole by the rank of `axis` that owns the expert
+A plan maps our tensor names (see io.names) to specs; `rank_slices` turns it into the exact
+slice each rank reads from disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Replicated:
+    def __str__(self):
+        return "Replicated()"
+
+
+@dataclass(frozen=True)
+class Split:
+    dim: int
+    axis: str
+    sizes: tuple      # rows of `dim` held by each rank of `axis`, in rank order
+
+    def bounds(self, rank: int) -> tuple:
+        lo = sum(self.sizes[:rank])
+        return lo, lo + self.sizes[rank]
+
+    def __str__(self):
+        return f"Split(dim={self.dim}, axis={self.axis!r}, sizes={list(self.sizes)})"
+
+
+@dataclass(frozen=True)
+class Experts:
+    axis: str
+    owner: int        # rank of `axis` that holds this expert
+
+    def __str__(self):
+        return f"Experts(axis={self.axis!r}, owner={self.owner})"
+
+
+def replicated_plan(shapes: dict) -> dict:
+    """Every tensor whole on every rank: the single-rank and data-parallel plan."""
+    return {name: Replicated() for name in shapes}
+
+
+def rank_slices(plan: dict, shapes: dict, coords: dict) -> dict:
+    """{name: index} of what the rank at `coords` ({axis: rank}) reads; tensors it does not hold are left out.
+
+    index is None for a whole tensor, else a tuple of slices.
+    """
+    out = {}
+    for name, spec in plan.items():
+        if isinstance(spec, Replicated):
+            out[name] = None
+        elif isinstance(spec, Split):
+            lo, hi = spec.bounds(coords.get(spec.axis, 0))
+            index = [slice(None)] * len(shapes[name])
+            index[spec.dim] = slice(lo, hi)
+            out[name] = tuple(index)
+        elif isinstance(spec, Experts):
+            if coords.get(spec.axis, 0) == spec.owner:
+                out[name] = None
+        else:
+            raise TypeError(f"unknown spec {spec!r} for {name}")
+    return out
+
+
+def format_plan(plan: dict) -> str:
+    """One line per tensor, for printing and notebooks."""
+    width = max((len(n) for n in plan), default=0)
+    return "\n".join(f"{name:<{width}}  {spec}" for name, spec in plan.items())
