@@ -1,0 +1,285 @@
+"""The collectives, written once over any point-to-point `Transport`.
+
+World sizes here are small (2-8), so most collectives are a direct exchange:
+every rank sends to every other, then combines in rank order, which makes
+`all_reduce` bitwise identical on all ranks and equal to the rank-order sum.
+Large all-reduces over more than two ranks run as a direct reduce-scatter then
+all-gather: the same rank-order sum per element, each rank sending 2(n-1)/n of
+the array instead of (n-1) times it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .base import CommError, CommStats, CommTimeout, Communicator, PeerLost, Transport
+
+# above this many bytes (and more than 2 ranks) all_reduce splits the sum over ranks
+RING_MIN_BYTES = 1 << 20
+
+
+def _to_host(x):
+    """(array, was_cupy): a cupy array is copied to host memory."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get(), True
+    return np.asarray(x), False
+
+
+def _to_device(y, was_cupy):
+    if not was_cupy:
+        return y
+    import cupy
+
+    if isinstance(y, list):
+        return [cupy.asarray(a) for a in y]
+    return cupy.asarray(y)
+
+
+def _nbytes(arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def _sum_in_rank_order(parts: list, mine: int) -> np.ndarray:
+    """parts[0] + parts[1] + ... added left to right; only parts[mine] (the caller's) is left untouched."""
+    if mine == 0:
+        acc = np.add(parts[0], parts[1], out=np.empty_like(parts[0]))  # fresh: our input untouched
+        rest = parts[2:]
+    else:
+        acc = parts[0]  # received, so ours to overwrite
+        rest = parts[1:]
+    for p in rest:
+        np.add(acc, p, out=acc)
+    return acc
+
+
+class _Op:
+    """One collective call in flight: its deadline and its byte counts."""
+
+    __slots__ = ("name", "timeout", "deadline", "start", "sent", "received")
+
+    def __init__(self, name, timeout):
+        self.name = name
+        self.timeout = timeout
+        self.start = time.perf_counter()
+        self.deadline = time.monotonic() + timeout
+        self.sent = 0
+        self.received = 0
+
+
+class GroupCommunicator(Communicator):
+    """The collectives of the global ranks `ranks` (in group order) on channel `tag`.
+
+    Example
+    -------
+    >>> from daskllm.comm.threads import thread_group
+    >>> comms = thread_group(1)
+    >>> comms[0].all_reduce(np.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+
+    def __init__(self, transport: Transport, ranks, tag: str, default_timeout: float = 60.0):
+        ranks = [int(r) for r in ranks]
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"group ranks {ranks} contain duplicates")
+        if transport.rank not in ranks:
+            raise ValueError(f"transport rank {transport.rank} is not in group ranks {ranks}")
+        bad = [r for r in ranks if not 0 <= r < transport.world_size]
+        if bad:
+            raise ValueError(f"group ranks {bad} outside world of size {transport.world_size}")
+        self.transport = transport
+        self.ranks = ranks
+        self.tag = tag
+        self.rank = ranks.index(transport.rank)
+        self.size = len(ranks)
+        self.default_timeout = float(default_timeout)
+        self.stats = CommStats()
+
+    def __repr__(self):
+        return f"GroupCommunicator(rank={self.rank}, size={self.size}, tag={self.tag!r}, ranks={self.ranks})"
+
+    # point to point, addressed by group rank ---------------------------------
+
+    def _begin(self, name, timeout) -> _Op:
+        return _Op(name, self.default_timeout if timeout is None else float(timeout))
+
+    def _end(self, op: _Op) -> None:
+        self.stats.record(op.name, op.sent, op.received, time.perf_counter() - op.start)
+
+    def _send(self, op: _Op, dst: int, arrays: list) -> None:
+        try:
+            self.transport.send(self.ranks[dst], self.tag, arrays)
+        except PeerLost as e:
+            raise self._lost(op, dst, e) from None
+        op.sent += _nbytes(arrays)
+
+    def _recv(self, op: _Op, src: int) -> list:
+        try:
+            arrays = self.transport.recv(self.ranks[src], self.tag, op.deadline - time.monotonic())
+        except CommTimeout:
+            me, peer = self.transport.rank, self.ranks[src]
+            raise CommTimeout(
+                f"rank {me} waited {op.timeout:.1f} s for rank {peer} in {op.name} (tag {self.tag!r})",
+                rank=me, peer=peer, tag=self.tag, op=op.name,
+            ) from None
+        except PeerLost as e:
+            raise self._lost(op, src, e) from None
+        op.received += _nbytes(arrays)
+        return arrays
+
+    def _lost(self, op: _Op, peer: int, e: PeerLost) -> PeerLost:
+        me, peer = self.transport.rank, self.ranks[peer]
+        return PeerLost(
+            f"rank {me} lost rank {peer} in {op.name} (tag {self.tag!r}): {e}",
+            rank=me, peer=peer, tag=self.tag, op=op.name,
+        )
+
+    def _others(self):
+        """Group ranks other than this one, starting after it (spreads the load)."""
+        return [(self.rank + k) % self.size for k in range(1, self.size)]
+
+    def _exchange(self, op: _Op, outgoing) -> list:
+        """outgoing[j] (a list of arrays) goes to rank j -> list of what each rank j sent us."""
+        others = self._others()
+        for j in others:
+            self._send(op, j, outgoing[j])
+        received = [None] * self.size
+        for j in others:
+            received[j] = self._recv(op, j)
+        return received
+
+    def _check_same(self, op: _Op, x, parts) -> None:
+        for j, p in enumerate(parts):
+            if p.shape != x.shape or p.dtype != x.dtype:
+                raise CommError(
+                    f"{op.name}: rank {self.ranks[self.rank]} has {x.dtype}{list(x.shape)} but rank "
+                    f"{self.ranks[j]} sent {p.dtype}{list(p.shape)}",
+                    rank=self.ranks[self.rank], peer=self.ranks[j], tag=self.tag, op=op.name,
+                )
+
+    # collectives --------------------------------------------------------------
+
+    def all_reduce(self, x, *, timeout=None):
+        """x (same shape on all ranks) -> sum over ranks, added in rank order, same bits everywhere."""
+        if self.size == 1:
+            return x
+        x, dev = _to_host(x)
+        op = self._begin("all_reduce", timeout)
+        if self.size > 2 and x.nbytes > RING_MIN_BYTES:
+            out = self._all_reduce_split(op, x)
+        else:
+            received = self._exchange(op, [[x]] * self.size)
+            parts = [x if j == self.rank else received[j][0] for j in range(self.size)]
+            self._check_same(op, x, parts)
+            out = _sum_in_rank_order(parts, self.rank)
+        self._end(op)
+        return _to_device(out, dev)
+
+    def _all_reduce_split(self, op: _Op, x):
+        """Rank j sums chunk j of everyone's flat x in rank order, then all gather the chunks."""
+        flat = np.ascontiguousarray(x).reshape(-1)
+        chunks = np.array_split(flat, self.size)
+        received = self._exchange(op, [[c] for c in chunks])
+        parts = [chunks[self.rank] if j == self.rank else received[j][0] for j in range(self.size)]
+        self._check_same(op, chunks[self.rank], parts)
+        mine = _sum_in_rank_order(parts, self.rank)
+        gathered = self._exchange(op, [[mine]] * self.size)
+        pieces = [mine if j == self.rank else gathered[j][0] for j in range(self.size)]
+        return np.concatenate(pieces).reshape(x.shape)
+
+    def all_gather(self, x, *, dim=0, timeout=None):
+        """x (sizes along dim may differ) -> concatenation along dim in rank order."""
+        if self.size == 1:
+            return x
+        x, dev = _to_host(x)
+        op = self._begin("all_gather", timeout)
+        received = self._exchange(op, [[x]] * self.size)
+        parts = [x if j == self.rank else received[j][0] for j in range(self.size)]
+        out = np.concatenate(parts, axis=dim)
+        self._end(op)
+        return _to_device(out, dev)
+
+    def all_gather_list(self, x, *, timeout=None) -> list:
+        """x (any shape, dtype) -> [x of rank 0, ..., x of rank size-1]."""
+        if self.size == 1:
+            return [x]
+        x, dev = _to_host(x)
+        op = self._begin("all_gather_list", timeout)
+        received = self._exchange(op, [[x]] * self.size)
+        out = [x if j == self.rank else received[j][0] for j in range(self.size)]
+        self._end(op)
+        return _to_device(out, dev)
+
+    def reduce_scatter(self, x, *, dim=0, timeout=None):
+        """x (same shape on all ranks) -> chunk `rank` of array_split(sum, size, axis=dim)."""
+        if self.size == 1:
+            return x
+        x, dev = _to_host(x)
+        op = self._begin("reduce_scatter", timeout)
+        chunks = np.array_split(x, self.size, axis=dim)
+        received = self._exchange(op, [[np.ascontiguousarray(c)] for c in chunks])
+        mine = chunks[self.rank]
+        parts = [mine if j == self.rank else received[j][0] for j in range(self.size)]
+        self._check_same(op, mine, parts)
+        out = _sum_in_rank_order(parts, self.rank)
+        self._end(op)
+        return _to_device(out, dev)
+
+    def all_to_all(self, chunks, *, timeout=None) -> list:
+        """chunks[j] (any shape, may be empty) goes to rank j -> list whose element j came from rank j."""
+        if len(chunks) != self.size:
+            raise ValueError(f"all_to_all needs {self.size} chunks (one per rank), got {len(chunks)}")
+        if self.size == 1:
+            return list(chunks)
+        host = [_to_host(c) for c in chunks]
+        dev = any(d for _, d in host)
+        op = self._begin("all_to_all", timeout)
+        received = self._exchange(op, [[c] for c, _ in host])
+        out = [host[j][0] if j == self.rank else received[j][0] for j in range(self.size)]
+        self._end(op)
+        return _to_device(out, dev)
+
+    def send_recv(self, x, *, shift=1, timeout=None):
+        """Ring shift: x goes to (rank+shift)%size -> x of (rank-shift)%size."""
+        if self.size == 1 or shift % self.size == 0:
+            return x
+        x, dev = _to_host(x)
+        op = self._begin("send_recv", timeout)
+        self._send(op, (self.rank + shift) % self.size, [x])
+        out = self._recv(op, (self.rank - shift) % self.size)[0]
+        self._end(op)
+        return _to_device(out, dev)
+
+    def broadcast(self, x, *, root=0, timeout=None):
+        """x of root (ignored elsewhere) -> root's x on every rank."""
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} outside group of size {self.size}")
+        if self.size == 1:
+            return x
+        op = self._begin("broadcast", timeout)
+        if self.rank == root:
+            x, dev = _to_host(x)
+            for j in self._others():
+                self._send(op, j, [x])
+            out = x
+        else:
+            dev = x is not None and type(x).__module__.startswith("cupy")
+            out = self._recv(op, root)[0]
+        self._end(op)
+        return _to_device(out, dev)
+
+    def barrier(self, *, timeout=None) -> None:
+        """Return once every rank of the group has entered the barrier."""
+        if self.size == 1:
+            return
+        op = self._begin("barrier", timeout)
+        self._exchange(op, [[]] * self.size)
+        self._end(op)
+
+
+def single_communicator(default_timeout: float = 60.0) -> GroupCommunicator:
+    """A size-1 communicator: every collective is the identity."""
+    from .threads import ThreadHub
+
+    return GroupCommunicator(ThreadHub(1).transport(0), [0], "world", default_timeout)
