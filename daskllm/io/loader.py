@@ -1,0 +1,49 @@
+"""Read one rank's weights (the slices its plan names) from a checkpoint into a `Weights`."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..model.forward import Weights
+
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def structure(flat: dict, n_layers: int, tie_embeddings: bool, vocab_start: int = 0) -> Weights:
+    """Flat {our name: array} -> Weights, with expert and shared-expert weights nested per layer."""
+    layers = [dict() for _ in range(n_layers)]
+    for name, array in flat.items():
+        m = _LAYER.match(name)
+        if not m:
+            continue
+        layer, part = layers[int(m.group(1))], m.group(2)
+        if part.startswith("experts."):
+            _, e, leaf = part.split(".")
+            layer.setdefault("experts", {}).setdefault(int(e), {})[leaf] = array
+        elif part.startswith("shared."):
+            layer.setdefault("shared", {})[part.split(".")[1]] = array
+        else:
+            layer[part] = array
+    for layer in layers:   # an expert-parallel rank may hold no expert of a layer
+        if "router" in layer:
+            layer.setdefault("experts", {})
+    embed = flat["embed"]
+    return Weights(embed=embed, norm=flat["norm"],
+                   lm_head=embed if tie_embeddings else flat["lm_head"],
+                   layers=layers, vocab_start=vocab_start)
+
+
+def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32, progress=None) -> dict:
+    """{our name: array} for each name in `slices` (value: a tuple of slices, or None for all).
+
+    Each tensor is read from disk, sliced by safetensors, converted to `dtype` and moved
+    to `xp` (numpy or cupy) one at a time, so peak host memory stays near one tensor.
+    """
+    out = {}
+    for i, (name, index) in enumerate(slices.items()):
+        array = checkpoint.read(name, index, dtype)
+        out[name] = array if xp is np else xp.asarray(array)
+        if progress is not None:
+            progress(i + 1, len(slices))
+    return out

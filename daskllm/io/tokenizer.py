@@ -1,0 +1,96 @@
+"""Tokenizer: tokenizer.json through the `tokenizers` library, with the model's bos/eos ids."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def special_token_ids(path: Path, tokenizer: HFTokenizer | None = None) -> tuple:
+    """(bos id or None, tuple of eos ids), from generation_config.json, then config.json,
+    then the token strings of tokenizer_config.json."""
+    bos, eos = None, ()
+    for name in ("config.json", "generation_config.json"):   # later files win
+        data = _read_json(path / name)
+        if data.get("bos_token_id") is not None:
+            bos = data["bos_token_id"]
+        if data.get("eos_token_id") is not None:
+            value = data["eos_token_id"]
+            eos = tuple(value) if isinstance(value, list) else (value,)
+    if tokenizer is not None and (bos is None or not eos):
+        tc = _read_json(path / "tokenizer_config.json")
+
+        def token_id(entry):
+            text = entry.get("content") if isinstance(entry, dict) else entry
+            return tokenizer.token_to_id(text) if text else None
+        if bos is None and tc.get("bos_token"):
+            bos = token_id(tc["bos_token"])
+        if not eos and tc.get("eos_token"):
+            found = token_id(tc["eos_token"])
+            eos = (found,) if found is not None else ()
+    return bos, eos
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint.
+
+    Example
+    -------
+    >>> tok = Tokenizer.from_dir("tests/fixtures/golden/llama")   # doctest: +SKIP
+    >>> tok.decode(tok.encode("Hello world"))                      # doctest: +SKIP
+    'Hello world'
+    """
+
+    def __init__(self, tokenizer: HFTokenizer, bos_id=None, eos_ids=(), add_bos=False):
+        self._tok = tokenizer
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.add_bos = add_bos      # prepend bos when tokenizer.json's post-processor does not
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer | None":
+        """The tokenizer of a checkpoint directory, or None if it has no tokenizer.json."""
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            return None
+        tok = HFTokenizer.from_file(str(file))
+        bos, eos = special_token_ids(path, tok)
+        add_bos = bool(_read_json(path / "tokenizer_config.json").get("add_bos_token", False))
+        return cls(tok, bos, eos, add_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list:
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self._tok)
+
+
+class StreamDecoder:
+    """Turns tokens into text one at a time, holding back bytes of an unfinished character."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tok = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, int(token_id)) or ""
