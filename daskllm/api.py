@@ -1,0 +1,226 @@
+"""LLM: the public entry point — load a checkpoint onto a Dask cluster and generate.
+
+Everything that can be checked is checked here, on the client, before any worker is
+touched: the checkpoint's tensors and shapes, the mesh against the model and the cluster,
+each prompt against the vocabulary and the context, and the sampling settings.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+from .engine.request import Request
+from .engine.router import Router
+from .engine.scheduler import ReplicaEngine
+from .engine.validate import budget_tokens, check_prompt, kv_bytes_per_token
+from .io.builtin import builtin_model_path
+from .io.checkpoint import Checkpoint
+from .io.tokenizer import Tokenizer
+from .model.sampling import SamplingParams
+from .parallel import compose
+from .parallel.mesh import Mesh
+from .parallel.plan import format_plan
+from .runtime import settings
+from .runtime.placement import check_checkpoint_on_workers, place, worker_table
+from .runtime.replica import Replica
+
+
+class LLM:
+    """A model served by rank actors on a Dask cluster.
+
+    Parameters
+    ----------
+    model : str or path, optional
+        A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+        Default: the small built-in model.
+    dp, tp, sp, ep : int
+        Replicas; tensor-, sequence- and expert-parallel ranks per replica.
+    client, address : distributed.Client or str, optional
+        The cluster to use. Default: a LocalCluster with one worker per rank.
+    sp_variant : {"ring", "allgather", "ulysses"}
+        How sequence-parallel ranks exchange keys and values in a prefill.
+    progress : callable, optional
+        progress(ranks loaded, ranks in all) as each rank finishes reading its shards.
+
+    Example
+    -------
+    >>> from daskllm import LLM
+    >>> with LLM() as llm:                                          # doctest: +SKIP
+    ...     print(llm.generate(["Hello"], max_new_tokens=8)[0].text)
+    """
+
+    def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
+                 sp_variant="ring", security=None, threads_per_worker=None, progress=None):
+        self.path = os.path.abspath(str(model if model is not None else builtin_model_path()))
+        self.checkpoint = Checkpoint(self.path)
+        self.config = self.checkpoint.config
+        self.mesh = Mesh(dp, tp, sp, ep)
+        self.options = {"sp_variant": sp_variant}
+        compose.check(self.config, self.mesh, self.options)
+        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids
+        self._own_cluster = None
+        self.client = self._connect(client, address, security, threads_per_worker)
+        self.router = Router()
+        self.replicas = []
+        try:
+            self._start(progress)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _connect(self, client, address, security, threads_per_worker):
+        from distributed import Client, LocalCluster
+        if client is not None:
+            return client
+        if address is not None:
+            return Client(address, security=security, direct_to_workers=True)
+        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.mesh.world_size)
+        self._own_cluster = LocalCluster(n_workers=self.mesh.world_size, threads_per_worker=threads,
+                                         processes=True, dashboard_address=":0")
+        return Client(self._own_cluster, direct_to_workers=True)
+
+    def _start(self, progress):
+        placement = place(self.client, self.mesh)
+        check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
+        memory = {addr: mem for addr, _, mem in worker_table(self.client)}
+        weights_bytes = sum(self.checkpoint.nbytes(n) for n in self.checkpoint.entries) * 2  # float32 from bf16 at most
+        per_token = kv_bytes_per_token(self.config, self.mesh)
+        budgets = [budget_tokens(min(memory[w] for w in ws), weights_bytes // self.mesh.replica_size,
+                                 per_token, self.mesh) for ws in placement]
+        self.budget_tokens = min(budgets)
+
+        loaded = []
+
+        def rank_loaded(info):
+            loaded.append(info)
+            if progress is not None:
+                progress(len(loaded), self.mesh.world_size)
+
+        def start(d):
+            return Replica(self.client, d, placement[d], self.mesh, self.path, self.options,
+                           on_rank_loaded=rank_loaded)
+        with ThreadPoolExecutor(self.mesh.dp) as pool:
+            futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
+            for f in futures:
+                self.replicas.append(f.result())
+        for rep in self.replicas:
+            self.router.add(ReplicaEngine(rep, self.budget_tokens, settings.get("max-batch-tokens"),
+                                          self.router.on_lost))
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop):
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.json in the checkpoint directory")
+        base_seed = secrets.randbits(63) if seed is None else int(seed)
+        params = SamplingParams(float(temperature), int(top_k), float(top_p), base_seed)
+        requests = []
+        for p in prompts:
+            ids = check_prompt(p, self.tokenizer, self.config, max_new_tokens)
+            requests.append(Request(ids, params, max_new_tokens, () if ignore_eos else self.eos_ids, stop,
+                                    self.tokenizer.stream_decoder() if self.tokenizer else None))
+        return requests
+
+    def _submit(self, requests):
+        for r in requests:
+            self.router.submit(r)
+        return requests
+
+    def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 ignore_eos=False, stop=None) -> list:
+        """Generate for each prompt (a str, or a list of token ids); a list of RequestOutput.
+
+        temperature 0 is greedy; `seed` makes sampling repeatable (same seed, same tokens).
+        """
+        requests = self._submit(self._requests(prompts, max_new_tokens, temperature, top_k, top_p,
+                                               seed, ignore_eos, stop))
+        return [r.wait() for r in requests]
+
+    def stream(self, prompt, max_new_tokens=32, **kwargs):
+        """Yield the text of one prompt piece by piece as tokens are generated."""
+        (request,) = self._submit(self._requests([prompt] if isinstance(prompt, list) else prompt,
+                                                 max_new_tokens, **_sampling_kwargs(kwargs)))
+        yield from request.pieces()
+
+    async def agenerate(self, prompts, **kwargs) -> list:
+        """`generate` for asyncio code: awaits without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        requests = self._submit(self._requests(prompts, kwargs.pop("max_new_tokens", 32),
+                                               **_sampling_kwargs(kwargs)))
+        return [await loop.run_in_executor(None, r.wait) for r in requests]
+
+    async def astream(self, prompt, max_new_tokens=32, **kwargs):
+        """`stream` for asyncio code."""
+        loop = asyncio.get_running_loop()
+        iterator = self.stream(prompt, max_new_tokens, **kwargs)
+        done = object()
+        while True:
+            piece = await loop.run_in_executor(None, next, iterator, done)
+            if piece is done:
+                return
+            yield piece
+
+    def logits(self, sequences) -> list:
+        """float32 (len, vocab) logits of every position of each token-id list (a full forward)."""
+        seqs = [check_prompt(list(s), None, self.config, 0) for s in sequences]
+        live = self.router.alive()
+        if not live:
+            raise RuntimeError("no live replica")
+        return live[0].replica.logits(seqs)
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def plan(self) -> str:
+        """How every tensor is spread over the mesh, one line per tensor."""
+        return format_plan(compose.full_plan(self.config, self.mesh))
+
+    def stats(self) -> list:
+        """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""
+        return [s for e in self.router.alive() for s in e.replica.stats()]
+
+    def comm_stats(self) -> list:
+        return [s["comm"] for s in self.stats()]
+
+    def expert_load(self) -> list:
+        return [s.get("expert_load") for s in self.stats()]
+
+    def reset_stats(self):
+        for e in self.router.alive():
+            e.replica.reset_stats()
+
+    # -- life-cycle ----------------------------------------------------------------------
+
+    def close(self):
+        """Stop the engines, release the actors and connections (and the own LocalCluster)."""
+        self.router.close()
+        for rep in self.replicas:
+            rep.close()
+        self.replicas = []
+        if self._own_cluster is not None:
+            self.client.close()
+            self._own_cluster.close()
+            self._own_cluster = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _sampling_kwargs(kwargs) -> dict:
+    allowed = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "ignore_eos": False, "stop": None}
+    unknown = set(kwargs) - set(allowed)
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return {**allowed, **kwargs}

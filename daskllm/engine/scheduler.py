@@ -1,0 +1,128 @@
+"""ReplicaEngine: continuous batching for one replica, in a driver thread.
+
+Each loop turn is one step of the replica: waiting requests join the running batch as
+the KV budget allows (their prompt is prefilled, in chunks if long), running ones decode
+one token, finished ones leave at once and their caches are freed in the next call.
+If the replica fails, its requests are handed back (prompt + tokens so far) to be re-run
+elsewhere.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from ..model.runner import Work
+
+
+class ReplicaEngine:
+    """Drives one Replica; `submit` is thread-safe."""
+
+    def __init__(self, replica, budget_tokens: int, max_batch_tokens: int, on_lost):
+        self.replica = replica
+        self.index = replica.index
+        self.budget_tokens = budget_tokens
+        self.max_batch_tokens = max_batch_tokens
+        self.on_lost = on_lost               # on_lost(engine, requests, error): re-home them
+        self.alive = True
+        self.steps = 0
+        self.served = 0                      # requests finished here
+        self._waiting = deque()
+        self._running = {}                   # request id -> Request
+        self._fed = {}                       # request id -> tokens of its context already in the cache
+        self._release = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"daskllm-replica-{self.index}", daemon=True)
+        self._thread.start()
+
+    # -- called by the router ----------------------------------------------------------
+
+    def submit(self, request):
+        with self._cond:
+            if not self.alive:
+                raise RuntimeError(f"replica {self.index} is not alive")
+            request.replica = self.index
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def outstanding(self) -> int:
+        """Tokens still to prefill or generate for everything queued or running here."""
+        with self._cond:
+            reqs = list(self._waiting) + list(self._running.values())
+        return sum(r.remaining_work - len(r.generated) for r in reqs)
+
+    def close(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _reserved(self) -> int:
+        return sum(r.remaining_work for r in self._running.values())
+
+    def _admit(self):
+        """Move waiting requests into the running batch while the KV budget allows."""
+        while self._waiting and self._reserved() + self._waiting[0].remaining_work <= self.budget_tokens:
+            req = self._waiting.popleft()
+            if req.finished:
+                continue
+            self._running[req.id] = req
+            self._fed[req.id] = 0
+
+    def _plan_step(self) -> list:
+        """Work for this step: decodes first (one token each), then prefill chunks up to the token cap."""
+        work, tokens = [], 0
+        for req in self._running.values():
+            fed, context = self._fed[req.id], req.context
+            if fed == len(context) - 1 and req.generated:        # decoding: feed the last token
+                work.append(Work(req.id, (context[-1],), fed, True, req.params, len(req.generated)))
+                tokens += 1
+        for req in self._running.values():
+            fed, context = self._fed[req.id], req.context
+            if fed == len(context) - 1 and req.generated:
+                continue
+            room = self.max_batch_tokens - tokens
+            if room <= 0:
+                break
+            chunk = context[fed:fed + room]
+            last = fed + len(chunk) == len(context)
+            work.append(Work(req.id, tuple(chunk), fed, last, req.params, len(req.generated)))
+            tokens += len(chunk)
+        return work
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._admit()
+                work = self._plan_step()
+                release, self._release = self._release, []
+            try:
+                chosen = self.replica.step(work, release)
+            except Exception as error:   # noqa: BLE001 - the replica is lost; its requests move on
+                self._lost(error)
+                return
+            self.steps += 1
+            with self._cond:
+                for w in work:
+                    self._fed[w.seq] = w.start + len(w.tokens)
+                for seq, token in chosen.items():
+                    req = self._running[seq]
+                    req.add_token(token)
+                for seq in [s for s, r in self._running.items() if r.finished]:
+                    del self._running[seq], self._fed[seq]
+                    self._release.append(seq)
+                    self.served += 1
+
+    def _lost(self, error):
+        with self._cond:
+            self.alive = False
+            requests = list(self._running.values()) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+        self.on_lost(self, [r for r in requests if not r.finished], error)

@@ -1,0 +1,120 @@
+"""RankActor: the Dask actor that holds one rank's shards; one method per driver call.
+
+The actor is the control plane only. It opens direct TCP connections to the other ranks
+of its replica at start-up, and the per-layer collectives of a step go over those, never
+through Dask. The model math is delegated to a ModelRunner (daskllm.model.runner).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ..comm.tcp import TcpTransport, tls_contexts_from_security
+from ..io.checkpoint import Checkpoint
+from ..parallel.build import build_runner
+from ..parallel.compose import axis_communicators, rank_setup
+from ..parallel.mesh import Mesh
+
+
+def _worker():
+    from distributed import get_worker
+    return get_worker()
+
+
+def _set_blas_threads():
+    """The nanny starts workers with one BLAS thread; give the rank its worker's threads."""
+    from threadpoolctl import threadpool_limits
+    threads = _worker().state.nthreads
+    threadpool_limits(threads)
+    return threads
+
+
+class RankActor:
+    """One rank of one replica (local rank `local_rank` of a tp x sp replica).
+
+    Created by the driver with ``client.submit(RankActor, ..., actor=True, workers=[addr])``.
+    Every method is called by the driver (runtime.replica.Replica), once per step at most.
+    """
+
+    def __init__(self, local_rank: int, mesh: tuple, options: dict, comm_timeout: float):
+        self.local_rank = local_rank
+        self.mesh = Mesh(*mesh)
+        self.replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
+        self.options = options
+        self.comm_timeout = comm_timeout
+        self.blas_threads = _set_blas_threads()
+        self.transport = None
+        self.comms = {}
+        self.runner = None
+        self.moe_stats = None
+
+    def listen(self) -> tuple:
+        """Open this rank's listening socket on its worker's host; the driver hands out the address."""
+        worker = _worker()
+        listen_ctx, connect_ctx = (None, None)
+        if worker.address.startswith("tls://"):
+            listen_ctx, connect_ctx = tls_contexts_from_security(worker.security)
+        self.transport = TcpTransport(self.local_rank, self.replica_mesh.world_size,
+                                      ssl_listen=listen_ctx, ssl_connect=connect_ctx, timeout=self.comm_timeout)
+        host = worker.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        return self.transport.listen(host)
+
+    def connect(self, addresses: dict, timeout: float) -> bool:
+        """Connect to every other rank of the replica ({local rank: (host, port)})."""
+        peers = {r: tuple(a) for r, a in addresses.items() if r != self.local_rank}
+        self.transport.connect(peers, timeout)
+        self.comms = axis_communicators(self.transport, self.replica_mesh, self.local_rank, self.comm_timeout)
+        return True
+
+    def load(self, path: str, checkpoint_config=None, cache_budget_bytes=None) -> dict:
+        """Read this rank's slices of the checkpoint and build its runner."""
+        start = time.perf_counter()
+        checkpoint = Checkpoint(path)
+        cfg = checkpoint.config
+        comms = self.comms or {}
+        setup = rank_setup(cfg, self.replica_mesh, self.local_rank, comms, self.options)
+        if cfg.moe is not None:
+            from ..model.moe import ExpertLoad
+            self.moe_stats = ExpertLoad(cfg.n_layers, cfg.moe.n_experts)
+        self.runner = build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
+                                   setup.vocab_start, cache_budget_bytes=cache_budget_bytes,
+                                   moe_stats=self.moe_stats)
+        checkpoint.close()
+        return {"seconds": time.perf_counter() - start, "pid": os.getpid(),
+                "blas_threads": self.blas_threads, **self.runner.memory()}
+
+    def step(self, work: list, release: list) -> dict:
+        """Free finished sequences, then one forward step: {seq: next token} for those that sample."""
+        self.runner.release(release)
+        return self.runner.step(work)
+
+    def logits(self, sequences: list) -> list:
+        """Full float32 logits of each token list (a check path; only local rank 0's are used)."""
+        out = self.runner.full_logits(sequences)
+        return out if self.local_rank == 0 else None
+
+    def release(self, seq_ids: list) -> bool:
+        self.runner.release(seq_ids)
+        return True
+
+    def stats(self) -> dict:
+        """Bytes and seconds per collective, memory, and expert load (MoE), for the client."""
+        comm = {axis: c.stats.as_dict() for axis, c in self.comms.items() if c.size > 1}
+        out = {"local_rank": self.local_rank, "comm": comm, "memory": self.runner.memory() if self.runner else {}}
+        if self.moe_stats is not None:
+            out["expert_load"] = self.moe_stats.as_dict()
+        return out
+
+    def reset_stats(self) -> bool:
+        for c in self.comms.values():
+            c.stats.reset()
+        if self.moe_stats is not None:
+            self.moe_stats.reset()
+        return True
+
+    def close(self) -> bool:
+        """Drop the weights and caches and close the connections."""
+        if self.transport is not None:
+            self.transport.close()
+        self.runner = None
+        return True

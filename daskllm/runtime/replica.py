@@ -1,0 +1,112 @@
+"""Replica: the driver's handle on the tp x sp rank actors of one model replica.
+
+Start-up places one actor per worker, hands out listening addresses so the ranks connect
+to each other directly, and loads the shards. After that every driver call is one actor
+call per rank, all sent at once, each awaited with a timeout; a failure names the rank
+and its worker.
+"""
+from __future__ import annotations
+
+import time
+
+from ..parallel.mesh import Mesh
+from . import settings
+from .rank import RankActor
+
+
+class ReplicaError(RuntimeError):
+    """A rank of a replica failed or did not answer in time."""
+
+    def __init__(self, message, replica=None, rank=None, worker=None):
+        super().__init__(message)
+        self.replica, self.rank, self.worker = replica, rank, worker
+
+
+class Replica:
+    """Ranks [first_rank, first_rank + tp*sp) of `mesh`, on `workers` (one per rank)."""
+
+    def __init__(self, client, index: int, workers: list, mesh: Mesh, path: str, options: dict,
+                 cache_budget_bytes=None, on_rank_loaded=None):
+        self.client, self.index, self.workers, self.mesh = client, index, list(workers), mesh
+        self.first_rank = index * mesh.replica_size
+        self.alive = True
+        self._actors = []
+        mesh_tuple = (mesh.dp, mesh.tp, mesh.sp, mesh.ep)
+        try:
+            futures = [client.submit(RankActor, r, mesh_tuple, options, settings.get("comm-timeout"),
+                                     actor=True, workers=[w], allow_other_workers=False, pure=False,
+                                     key=f"daskllm-rank-{self.first_rank + r}-{time.time_ns()}")
+                       for r, w in enumerate(self.workers)]
+            self._futures = futures
+            self._actors = [f.result(timeout=settings.get("connect-timeout")) for f in futures]
+            if len(self._actors) > 1:
+                addresses = dict(enumerate(self._call("listen", timeout=settings.get("connect-timeout"))))
+                self._call("connect", addresses, settings.get("connect-timeout"),
+                           timeout=settings.get("connect-timeout") + 5)
+            self.load_info = self._call("load", path, None, cache_budget_bytes,
+                                        timeout=settings.get("load-timeout"), each=on_rank_loaded)
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self, r: int) -> str:
+        return f"rank {self.first_rank + r} (replica {self.index}) on worker {self.workers[r]}"
+
+    def _call(self, method: str, *args, timeout=None, each=None) -> list:
+        """`method(*args)` on every rank at once; their results in rank order.
+
+        `each(result)` is called as each rank answers (progress reporting)."""
+        if not self.alive:
+            raise ReplicaError(f"replica {self.index} was lost earlier", self.index)
+        timeout = settings.get("step-timeout") if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pending = [getattr(actor, method)(*args) for actor in self._actors]
+        results, first_error = [], None
+        for r, fut in enumerate(pending):
+            try:
+                results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+                if each is not None:
+                    each(results[-1])
+            except Exception as e:   # noqa: BLE001 - every failure is reported with its rank
+                results.append(None)
+                kind = "did not answer within" if isinstance(e, TimeoutError) and not str(e) else "failed"
+                error = ReplicaError(
+                    f"{self._describe(r)} {kind} {timeout:.0f} s in {method}: {type(e).__name__}: {e}"
+                    if kind.startswith("did") else f"{self._describe(r)} failed in {method}: {type(e).__name__}: {e}",
+                    self.index, self.first_rank + r, self.workers[r])
+                first_error = first_error or error
+                if isinstance(e, TimeoutError):
+                    deadline = time.monotonic()      # no point waiting the full timeout again per rank
+        if first_error is not None:
+            self.alive = False
+            raise first_error
+        return results
+
+    def step(self, work: list, release=()) -> dict:
+        """Free the caches of `release`, then run one step; {seq: next token}."""
+        return self._call("step", work, list(release))[0]
+
+    def logits(self, sequences: list) -> list:
+        return self._call("logits", sequences)[0]
+
+    def release(self, seq_ids: list):
+        self._call("release", list(seq_ids))
+
+    def stats(self) -> list:
+        return self._call("stats", timeout=settings.get("connect-timeout"))
+
+    def reset_stats(self):
+        self._call("reset_stats", timeout=settings.get("connect-timeout"))
+
+    def close(self):
+        """Close connections and release the actors (best effort: some ranks may be gone)."""
+        if self._actors and self.alive:
+            try:
+                self._call("close", timeout=10)
+            except Exception:   # noqa: BLE001 - closing a broken replica must not raise
+                pass
+        self.alive = False
+        for f in getattr(self, "_futures", []):
+            f.release()
+        self._actors = []
+        self._futures = []

@@ -1,0 +1,25 @@
+"""daskllm's settings under `daskllm.*` in dask.config, with their defaults.
+
+Override with dask.config.set({"daskllm.step-timeout": 30}) or a YAML file in ~/.config/dask/.
+"""
+from __future__ import annotations
+
+import dask.config
+
+DEFAULTS = {
+    "daskllm": {
+        "connect-timeout": 30.0,    # s: ranks opening their direct connections at start-up
+        "load-timeout": 600.0,      # s: a rank reading its slices of the checkpoint
+        "step-timeout": 120.0,      # s: one driver call (a prefill or decode step) on every rank
+        "comm-timeout": 60.0,       # s: one collective waiting for a peer inside a step
+        "kv-cache-fraction": 0.5,   # of a worker's memory limit, after weights, for the KV cache
+        "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)
+        "max-batch-tokens": 4096,   # tokens fed to a replica in one step (prefill chunks are cut to fit)
+    }
+}
+dask.config.update_defaults(DEFAULTS)
+
+
+def get(name: str):
+    """A daskllm setting, e.g. get("step-timeout")."""
+    return dask.config.get(f"daskllm.{name}")
