@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .engine.request import Request
 from .engine.router import Router
 from .engine.scheduler import ReplicaEngine
-from .engine.validate import budget_tokens, check_prompt, kv_bytes_per_token
+from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
 from .io.builtin import builtin_model_path
 from .io.checkpoint import Checkpoint
 from .io.tokenizer import Tokenizer
@@ -127,6 +127,7 @@ class LLM:
         requests = []
         for p in prompts:
             ids = check_prompt(p, self.tokenizer, self.config, max_new_tokens)
+            check_fits(len(ids) + max_new_tokens, self.budget_tokens)
             requests.append(Request(ids, params, max_new_tokens, () if ignore_eos else self.eos_ids, stop,
                                     self.tokenizer.stream_decoder() if self.tokenizer else None))
         return requests
@@ -136,14 +137,19 @@ class LLM:
             self.router.submit(r)
         return requests
 
+    def submit(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+               ignore_eos=False, stop=None) -> list:
+        """Queue prompts without waiting; a list of Request (`.wait()` -> RequestOutput, `.pieces()` streams)."""
+        return self._submit(self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                           ignore_eos, stop))
+
     def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                  ignore_eos=False, stop=None) -> list:
         """Generate for each prompt (a str, or a list of token ids); a list of RequestOutput.
 
         temperature 0 is greedy; `seed` makes sampling repeatable (same seed, same tokens).
         """
-        requests = self._submit(self._requests(prompts, max_new_tokens, temperature, top_k, top_p,
-                                               seed, ignore_eos, stop))
+        requests = self.submit(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop)
         return [r.wait() for r in requests]
 
     def stream(self, prompt, max_new_tokens=32, **kwargs):
@@ -177,6 +183,29 @@ class LLM:
         if not live:
             raise RuntimeError("no live replica")
         return live[0].replica.logits(seqs)
+
+    def restore(self) -> list:
+        """Re-create lost replicas on workers that host no live rank (e.g. restarted ones).
+
+        Returns the indices of the replicas re-created. Requests keep flowing meanwhile.
+        """
+        lost = sorted(self.router.lost)
+        if not lost:
+            return []
+        busy = {w for e in self.router.alive() for w in e.replica.workers}
+        free = [w for w, _, _ in worker_table(self.client) if w not in busy]
+        size = self.mesh.replica_size
+        if len(free) < size * len(lost):
+            raise RuntimeError(
+                f"restoring replicas {lost} needs {size * len(lost)} free workers, the cluster has {len(free)}; "
+                "wait for workers to come back or add some")
+        check_checkpoint_on_workers(self.client, free[:size * len(lost)], self.path)
+        for i, d in enumerate(lost):
+            rep = Replica(self.client, d, free[i * size:(i + 1) * size], self.mesh, self.path, self.options)
+            self.replicas = [r for r in self.replicas if r.index != d] + [rep]
+            self.router.add(ReplicaEngine(rep, self.budget_tokens, settings.get("max-batch-tokens"),
+                                          self.router.on_lost))
+        return lost
 
     # -- inspection ----------------------------------------------------------------------
 

@@ -35,6 +35,15 @@ def check_prompt(prompt, tokenizer, cfg, max_new_tokens: int) -> list:
     return ids
 
 
+def check_fits(tokens: int, budget: int):
+    """A request whose context can never fit one replica's KV cache is refused, not queued forever."""
+    if tokens > budget:
+        raise RequestError(
+            f"this request needs {tokens} tokens of KV cache (prompt + max_new_tokens) but one replica "
+            f"holds at most {budget}; lower max_new_tokens, raise daskllm.kv-cache-bytes / "
+            "daskllm.kv-cache-fraction, or split the sequence with sp")
+
+
 def kv_bytes_per_token(cfg, mesh) -> int:
     """KV-cache bytes one token costs on the rank holding it (float32 keys and values + position)."""
     kv_heads_here = max(1, cfg.n_kv_heads // mesh.tp)
