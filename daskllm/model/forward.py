@@ -104,8 +104,8 @@ class Transformer:
         if cfg.qkv_bias:
             q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
         if cfg.qk_norm == "full":                                                   # OLMoE: over the whole projection
-            q = self._full_norm(q, layer["q_norm"], cfg.n_heads * hd)
-            k = self._full_norm(k, layer["k_norm"], cfg.n_kv_heads * hd)
+            q = self._full_norm(q, layer["q_norm"], cfg.n_heads * hd, "q")
+            k = self._full_norm(k, layer["k_norm"], cfg.n_kv_heads * hd, "k")
         q, k, v = q.reshape(n, -1, hd), k.reshape(n, -1, hd), v.reshape(n, -1, hd)  # (N, H, hd), (N, Hkv, hd)
         if cfg.qk_norm == "head":                                                   # Qwen3: per head
             q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
@@ -121,8 +121,8 @@ class Transformer:
             y = gated_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"])
         return self.seams.mlp_out(y)
 
-    def _full_norm(self, x, weight, full_width):
-        """RMSNorm over a projection whose columns may be split over ranks.  (N, cols) -> (N, cols)"""
+    def _full_norm(self, x, weight, full_width, projection):
+        """RMSNorm over a projection ("q" or "k") whose columns may be split over ranks.  (N, cols) -> (N, cols)"""
         xp = array_module(x)
-        sum_sq = self.seams.heads_sum((x * x).sum(axis=-1, keepdims=True))         # (N, 1)
+        sum_sq = self.seams.heads_sum((x * x).sum(axis=-1, keepdims=True), projection)   # (N, 1)
         return x * (1.0 / xp.sqrt(sum_sq / full_width + self.cfg.rms_norm_eps)) * weight

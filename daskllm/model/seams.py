@@ -27,9 +27,10 @@ def local_attend(layer, q, k, v, batch, cache, scale, window):
 
     q (N, H, hd), k and v (N, Hkv, hd) for the batch's flattened tokens -> out (N, H, hd).
     """
-    out = array_module(q).empty_like(q)
+    xp = array_module(q)
+    out = xp.empty_like(q)
     for seq_id, lo, hi in batch.segments():
-        pos = batch.positions[lo:hi]
+        pos = xp.asarray(batch.positions[lo:hi])                                 # global positions, on the device
         cache.append(layer, seq_id, k[lo:hi].transpose(1, 0, 2), v[lo:hi].transpose(1, 0, 2), pos)
         keys, values, key_pos = cache.view(layer, seq_id)
         out[lo:hi] = attention_partial(q[lo:hi], keys, values, pos, key_pos, scale, window)[0]
@@ -68,7 +69,7 @@ class Seams:
     embed: Callable = local_embed          # (table, ids) -> (N, D)
     attention_out: Callable = identity     # output of the O projection -> summed over tp ranks
     mlp_out: Callable = identity           # output of the down projection -> summed over tp ranks
-    heads_sum: Callable = identity         # per-token partial sums over heads (OLMoE q/k norm) -> full sums
+    heads_sum: Callable = lambda partial, projection: partial   # (N, 1) sums over this rank's q or k heads -> all heads
     attend: Callable = local_attend        # (layer, q, k, v, batch, cache, scale, window) -> (N, H, hd)
     experts: Callable = local_experts      # (x, ids, weights, experts, run_expert) -> (N, D)
     last_hidden: Callable = local_last_hidden  # (hidden, batch, rows) -> last token of those sequences

@@ -3,6 +3,8 @@
 Specs:
   Replicated()                  every rank of the replica holds the whole tensor
   Split(dim, axis, sizes)       cut along `dim`; rank r of `axis` holds piece r, of `sizes[r]` rows
+  Split(dim, axis, sizes, repeat)  len(sizes) pieces, each held by `repeat` neighbouring ranks:
+                                rank r holds piece r // repeat (KV heads when tp > KV heads)
   Experts(axis, owner)          MoE expert tensors: held whole by the rank of `axis` that owns the expert
 A plan maps our tensor names (see io.names) to specs; `rank_slices` turns it into the exact
 slice each rank reads from disk.
@@ -22,14 +24,17 @@ class Replicated:
 class Split:
     dim: int
     axis: str
-    sizes: tuple      # rows of `dim` held by each rank of `axis`, in rank order
+    sizes: tuple      # rows of `dim` in each piece, in rank order (piece r // repeat for rank r)
+    repeat: int = 1   # ranks holding each piece (> 1: the piece is replicated on neighbours)
 
     def bounds(self, rank: int) -> tuple:
-        lo = sum(self.sizes[:rank])
-        return lo, lo + self.sizes[rank]
+        piece = rank // self.repeat
+        lo = sum(self.sizes[:piece])
+        return lo, lo + self.sizes[piece]
 
     def __str__(self):
-        return f"Split(dim={self.dim}, axis={self.axis!r}, sizes={list(self.sizes)})"
+        extra = f", repeat={self.repeat}" if self.repeat != 1 else ""
+        return f"Split(dim={self.dim}, axis={self.axis!r}, sizes={list(self.sizes)}{extra})"
 
 
 @dataclass(frozen=True)
