@@ -55,6 +55,63 @@ def tokens_per_expert(expert_ids, n_experts):
     return xp.bincount(expert_ids.reshape(-1), minlength=n_experts).astype(np.int64)
 
 
+class ExpertLoad:
+    """Tokens routed to each expert, per MoE layer, per step: what one rank's router chose.
+
+    `record_routing` is called by moe_mlp once per MoE layer per forward, layers in
+    increasing order; a layer seen again starts a new step (or call `next_step`). The
+    last `keep_steps` steps are kept, plus running totals since the last `reset`.
+    Every rank counts the tokens its router sees: all tokens with ep alone or tp, its
+    own tokens with sp (sum the sp ranks of one tp index for the replica's load).
+    Legend: S steps kept, L MoE layers seen, E experts.
+
+    Example
+    -------
+    >>> load = ExpertLoad(n_layers=2, n_experts=4)
+    >>> load.record_routing(0, np.array([[0, 1], [1, 2]]), 4)
+    >>> load.as_dict()["total"]
+    [[1, 2, 1, 0]]
+    """
+
+    def __init__(self, n_layers: int | None = None, n_experts: int = 0, keep_steps: int = 256):
+        self.n_layers = n_layers              # informative only: layers appear as they are recorded
+        self.n_experts = n_experts            # known up front, so an idle rank reports the right width
+        self.keep_steps = keep_steps          # history bound: a long-running rank stays small
+        self.reset()
+
+    def reset(self):
+        self.steps = []                        # [{layer: (E,) int64}], oldest first, at most keep_steps
+        self.totals = {}                       # {layer: (E,) int64} since the last reset
+        self._open = False                     # the last step may still get layers
+
+    def next_step(self):
+        """Close the current step: the next record starts a new one."""
+        self._open = False
+
+    def record_routing(self, layer, ids, n_experts):
+        """Count the experts chosen in `layer`.  ids (N, A) expert ids, any array module."""
+        ids = ids.get() if hasattr(ids, "get") else np.asarray(ids)
+        counts = np.bincount(ids.reshape(-1), minlength=n_experts).astype(np.int64)   # (E,)
+        self.n_experts = n_experts
+        if not self._open or layer in self.steps[-1]:
+            self.steps.append({})
+            del self.steps[:-self.keep_steps]
+            self._open = True
+        self.steps[-1][layer] = counts
+        self.totals[layer] = self.totals.get(layer, 0) + counts
+
+    def as_dict(self) -> dict:
+        """Plain data (ints and lists): layers (L,), total (L, E), steps (S, L, E), zeros where absent."""
+        layers = sorted(self.totals)
+        zero = [0] * self.n_experts
+        return {
+            "n_experts": self.n_experts,
+            "layers": layers,
+            "total": [self.totals[i].tolist() for i in layers],
+            "steps": [[s[i].tolist() if i in s else zero for i in layers] for s in self.steps],
+        }
+
+
 def moe_mlp(x, layer_params, moe_cfg, seams, stats=None, layer=None):
     """The MoE block: routed experts (through the `experts` seam) plus the optional shared expert."""
     ids, weights = route(x, layer_params["router"], moe_cfg.top_k, moe_cfg.norm_topk_prob)

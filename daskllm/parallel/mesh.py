@@ -4,7 +4,8 @@ Global rank r of a mesh: replica d = r // (tp*sp); inside a replica the local in
 l = r % (tp*sp) = s*tp + t, so tensor-parallel ranks are neighbours (they talk most).
 Expert parallelism spreads experts over groups of ep ranks inside a replica
 (ep divides tp*sp): expert rank l % ep, group l // ep. With ep == tp the ep groups are
-the tp groups; with ep == tp*sp a group is the whole replica.
+the tp groups; with ep == tp*sp a group is the whole replica. With ep alone
+(tp = sp = 1) a replica is ep ranks whose dense parts are replicated.
 """
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ class Mesh:
             value = getattr(self, axis)
             if not isinstance(value, int) or value < 1:
                 raise MeshError(f"{axis} must be an integer >= 1, got {value!r}")
-        if (self.tp * self.sp) % self.ep:
+        if self.tp * self.sp > 1 and (self.tp * self.sp) % self.ep:
             raise MeshError(
                 f"ep ({self.ep}) must divide tp x sp ({self.tp} x {self.sp} = {self.tp * self.sp}): "
                 "experts are spread over the ranks of one replica")
 
     @property
     def replica_size(self) -> int:
-        return self.tp * self.sp
+        return max(self.tp * self.sp, self.ep)   # ep alone: a replica of ep ranks
 
     @property
     def world_size(self) -> int:
@@ -45,7 +46,7 @@ class Mesh:
     def coords(self, rank: int) -> dict:
         """{axis: index} of a global rank."""
         local = rank % self.replica_size
-        return {"dp": rank // self.replica_size, "tp": local % self.tp, "sp": local // self.tp,
+        return {"dp": rank // self.replica_size, "tp": local % self.tp, "sp": (local // self.tp) % self.sp,
                 "ep": local % self.ep}
 
     def group(self, rank: int, axis: str) -> list:
@@ -56,7 +57,8 @@ class Mesh:
             first = base + (local // self.tp) * self.tp
             return list(range(first, first + self.tp))
         if axis == "sp":
-            return [base + s * self.tp + local % self.tp for s in range(self.sp)]
+            block = local - local % (self.tp * self.sp)   # ep alone: each rank is its own sp group
+            return [base + block + s * self.tp + local % self.tp for s in range(self.sp)]
         if axis == "ep":
             first = base + (local // self.ep) * self.ep
             return list(range(first, first + self.ep))

@@ -1,0 +1,188 @@
+"""Expert parallelism on a random MoE: bytes moved per token against the minimum, time against one rank.
+
+Run: python benchmarks/expert.py   (about a minute on 2 cores)
+
+Writes a random Mixtral-style checkpoint (16 experts, top-2; the experts hold most of
+the parameters), then serves it twice through `daskllm.LLM`:
+  single  one rank on a LocalCluster of 1 worker x 2 threads
+  ep=2    two ranks on a LocalCluster of 2 workers x 1 thread
+Reported, per MoE layer and token (all_to_all = dispatch + combine, summed over ranks):
+  measured   bytes the ep ranks sent in all_to_all, and in the final all_gather (ep alone)
+  minimum    hidden x 4 bytes x 2 (there and back) x remote destination ranks per token,
+             for uniform routing (analytic) and for the routing this model really made
+  imbalance  (token, expert) pairs of the busiest ep rank / the mean over ranks
+Times are medians over --repeats runs: prefill of --batch prompts of --prompt-len tokens
+(one generated token) and seconds per decode step of the batch.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from math import comb
+from pathlib import Path
+
+import numpy as np
+
+
+def write_random_moe(path: Path, hidden, layers, experts, top_k, width, vocab, seed=0) -> Path:
+    """A Mixtral checkpoint with N(0, 0.02^2) weights (routers N(0, 1)), all layers sparse."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, std=0.02):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+    t = {"model.embed_tokens.weight": w(vocab, hidden, std=1.0), "model.norm.weight": np.ones(hidden, np.float32),
+         "lm_head.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+                  p + "block_sparse_moe.gate.weight": w(experts, hidden, std=1.0)})
+        for name in "qkvo":
+            t[p + f"self_attn.{name}_proj.weight"] = w(hidden, hidden)
+        for e in range(experts):
+            q = p + f"block_sparse_moe.experts.{e}."
+            t.update({q + "w1.weight": w(width, hidden), q + "w3.weight": w(width, hidden),
+                      q + "w2.weight": w(hidden, width)})
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": ["MixtralForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
+              "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+              "num_key_value_heads": max(1, hidden // 64), "intermediate_size": width,
+              "num_local_experts": experts, "num_experts_per_tok": top_k, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False, "eos_token_id": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+class RecordIds:
+    """An ExpertLoad stand-in that keeps every routing decision: {layer: (N, A) ids}."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def record_routing(self, layer, ids, n_experts):
+        self.ids[layer] = np.asarray(ids)
+
+
+def routed_minimum(path, prompts, ep):
+    """Remote destination ranks per token per MoE layer for the routing the model makes here."""
+    from daskllm.io.checkpoint import Checkpoint
+    from daskllm.model.runner import Work
+    from daskllm.parallel.build import build_runner
+    from daskllm.parallel.compose import full_plan
+    from daskllm.parallel.expert import expert_owners, share_bounds
+    from daskllm.parallel.mesh import Mesh
+    ckpt = Checkpoint(path)
+    rec = RecordIds()
+    build_runner(ckpt, full_plan(ckpt.config, Mesh()), moe_stats=rec).step(
+        [Work(i, tuple(p), 0) for i, p in enumerate(prompts)])
+    owner = expert_owners(ckpt.config.moe.n_experts, ep)
+    remote = []
+    for ids in rec.ids.values():                                     # (N, A)
+        home = np.empty(ids.shape[0], np.int64)
+        for r in range(ep):
+            lo, hi = share_bounds(ids.shape[0], ep, r)
+            home[lo:hi] = r
+        dest = owner[ids]                                            # (N, A)
+        remote.append(np.mean([len(set(d.tolist()) - {h}) for d, h in zip(dest, home)]))
+    return float(np.mean(remote))
+
+
+def uniform_remote_ranks(experts, top_k, ep):
+    """Expected remote ranks hosting at least one of top_k distinct experts drawn uniformly."""
+    sizes = [experts // ep + (1 if p < experts % ep else 0) for p in range(ep)]
+    # averaged over the home rank: each other rank p is hit unless all top_k miss its sizes[p] experts
+    return float(np.mean([sum(1 - comb(experts - sizes[p], top_k) / comb(experts, top_k)
+                              for p in range(ep) if p != h) for h in range(ep)]))
+
+
+def measure(llm, prompts, new_tokens, repeats):
+    """(prefill seconds, decode seconds per step, tokens) medians over repeats."""
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
+        t1 = time.perf_counter()
+        out = llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+        t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        decode.append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1))
+    return statistics.median(prefill), statistics.median(decode), [o.token_ids for o in out]
+
+
+def serve(path, n_workers, threads, ep, prompts, args):
+    from distributed import Client, LocalCluster
+
+    from daskllm import LLM
+    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster, \
+            Client(cluster, direct_to_workers=True) as client, LLM(path, ep=ep, client=client) as llm:
+        llm.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)            # warm up
+        prefill, decode, tokens = measure(llm, prompts, args.new_tokens, args.repeats)
+        llm.reset_stats()
+        llm.logits(prompts)                                                      # one counted forward
+        comm, load = llm.comm_stats(), llm.expert_load()
+    return {"prefill": prefill, "decode": decode, "tokens": tokens, "comm": comm, "load": load}
+
+
+def sent(comm, op):
+    return sum(c.get("ep", {}).get(op, {}).get("bytes_sent", 0) for c in comm)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--expert-width", type=int, default=512, help="hidden width of one expert")
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4, help="prompts per step")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    from daskllm.parallel.expert import load_per_rank
+    ep = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_random_moe(Path(args.dir or tmp) / "random_moe", args.hidden, args.layers,
+                                    args.experts, args.top_k, args.expert_width, args.vocab))
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(3, args.vocab, args.prompt_len).tolist() for _ in range(args.batch)]
+        single = serve(path, 1, 2, 1, prompts, args)
+        split = serve(path, 2, 1, ep, prompts, args)
+        measured_min = routed_minimum(path, prompts, ep)
+
+    n = args.batch * args.prompt_len * args.layers                   # token x MoE layer of the counted forward
+    d4 = args.hidden * 4
+    counts = np.asarray(split["load"][0]["total"])                   # (L, E), rank 0 sees all tokens
+    per_rank = np.array([load_per_rank(c, ep) for c in counts])      # (L, P)
+    imbalance = float((per_rank.max(axis=1) / per_rank.mean(axis=1)).mean())
+    expert_share = args.experts * 3 * args.expert_width / (args.experts * 3 * args.expert_width + 4 * args.hidden)
+    rows = [
+        ("all_to_all bytes / token / MoE layer", "-", f"{sent(split['comm'], 'all_to_all') / n:.0f}"),
+        ("  minimum, uniform routing", "-", f"{d4 * 2 * uniform_remote_ranks(args.experts, args.top_k, ep):.0f}"),
+        ("  minimum, this model's routing", "-", f"{d4 * 2 * measured_min:.0f}"),
+        ("all_gather bytes / token / MoE layer", "-", f"{sent(split['comm'], 'all_gather') / n:.0f}"),
+        ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}"),
+        ("prefill s (batch)", f"{single['prefill']:.3f}", f"{split['prefill']:.3f}"),
+        ("decode s / step", f"{single['decode'] * 1e3:.1f} ms", f"{split['decode'] * 1e3:.1f} ms"),
+        ("greedy tokens equal", "-", str(single["tokens"] == split["tokens"])),
+    ]
+    print(f"random MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "
+          f"expert width {args.expert_width} (experts ~{expert_share:.0%} of a layer's weights); "
+          f"batch {args.batch} x {args.prompt_len} tokens")
+    head = f"{'metric':<40} | {'single (1w x 2t)':>16} | {'ep=2 (2w x 1t)':>16}"
+    print(head)
+    print("-" * len(head))
+    for name, a, b in rows:
+        print(f"{name:<40} | {a:>16} | {b:>16}")
+
+
+if __name__ == "__main__":
+    main()
