@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..model.sampling import SamplingParams
@@ -39,6 +40,8 @@ class Request:
     error: BaseException | None = None
     replica: int | None = None        # which replica serves it now
     retries: int = 0                  # times it was moved after a replica was lost
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None   # for time-to-first-token
     _emitted: int = 0                 # characters of text already streamed
     _pieces: queue.Queue = field(default_factory=queue.Queue)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -64,6 +67,8 @@ class Request:
     def add_token(self, token: int):
         """Append a generated token, update text, and finish on eos, stop string or length."""
         self.generated.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if token in self.eos_ids:
             return self._finish("eos")
         if self.decoder is not None:

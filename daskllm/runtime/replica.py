@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from ..comm.base import CommError
 from ..parallel.mesh import Mesh
 from . import settings
 from .rank import RankActor
@@ -69,11 +70,11 @@ class Replica:
                     each(results[-1])
             except Exception as e:   # noqa: BLE001 - every failure is reported with its rank
                 results.append(None)
-                kind = "did not answer within" if isinstance(e, TimeoutError) and not str(e) else "failed"
-                error = ReplicaError(
-                    f"{self._describe(r)} {kind} {timeout:.0f} s in {method}: {type(e).__name__}: {e}"
-                    if kind.startswith("did") else f"{self._describe(r)} failed in {method}: {type(e).__name__}: {e}",
-                    self.index, self.first_rank + r, self.workers[r])
+                if isinstance(e, TimeoutError) and not isinstance(e, CommError):
+                    what = f"did not answer within {timeout:.0f} s in {method} (frozen or overloaded worker?)"
+                else:
+                    what = f"failed in {method}: {type(e).__name__}: {e}"
+                error = ReplicaError(f"{self._describe(r)} {what}", self.index, self.first_rank + r, self.workers[r])
                 first_error = first_error or error
                 if isinstance(e, TimeoutError):
                     deadline = time.monotonic()      # no point waiting the full timeout again per rank

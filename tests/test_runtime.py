@@ -1,0 +1,101 @@
+"""The runtime under faults and TLS: a lost or frozen worker ends the step in bounded time, naming the rank."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import dask
+import pytest
+from conftest import golden_dir
+
+from daskllm import LLM
+from daskllm.engine.router import NoReplicaError
+
+pytestmark = pytest.mark.cluster
+
+FAST_TIMEOUTS = {"daskllm.step-timeout": 8, "daskllm.comm-timeout": 3}
+
+
+@pytest.fixture
+def cluster2():
+    """A private 2-worker cluster: these tests kill and freeze its workers."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster, direct_to_workers=True) as client:
+        yield client
+
+
+def _pid(client, worker):
+    return client.run(os.getpid, workers=[worker])[worker]
+
+
+def _wait_for_replacement(client, dead_worker, n=2, timeout=60):
+    """Until the nanny's restarted worker has replaced `dead_worker` (its old address gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = client.scheduler_info()["workers"]
+        if dead_worker not in workers and len(workers) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no replacement for {dead_worker} within {timeout} s")
+
+
+def _start_long_request(llm):
+    request = llm.submit([[1, 2, 3]], max_new_tokens=200, ignore_eos=True)[0]
+    while not request.generated:
+        time.sleep(0.005)
+    return request
+
+
+def test_a_worker_killed_during_a_collective_names_the_rank(cluster2):
+    with dask.config.set(FAST_TIMEOUTS):
+        with LLM(golden_dir("llama"), tp=2, client=cluster2) as llm:
+            request = _start_long_request(llm)
+            victim = llm.replicas[0].workers[1]
+            start = time.monotonic()
+            os.kill(_pid(cluster2, victim), signal.SIGKILL)
+            with pytest.raises(NoReplicaError, match=r"rank [01] \(replica 0\) on worker tcp://"):
+                request.wait(timeout=30)
+            assert time.monotonic() - start < FAST_TIMEOUTS["daskllm.step-timeout"] + 4
+        _wait_for_replacement(cluster2, victim)
+        with LLM(golden_dir("llama"), tp=2, client=cluster2) as again:     # the same client still serves
+            assert len(again.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
+
+
+def test_a_frozen_worker_gives_a_timeout_not_a_hang(cluster2):
+    with dask.config.set(FAST_TIMEOUTS):
+        llm = LLM(golden_dir("llama"), tp=2, client=cluster2)
+        request = _start_long_request(llm)
+        frozen = llm.replicas[0].workers[1]
+        pid = _pid(cluster2, frozen)
+        start = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NoReplicaError) as info:
+                request.wait(timeout=30)
+            elapsed = time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        message = str(info.value)
+        assert "rank 0 (replica 0)" in message or "rank 1 (replica 0)" in message
+        assert "waited" in message or "did not answer" in message, message
+        assert elapsed < FAST_TIMEOUTS["daskllm.step-timeout"] + 4
+        llm.close()
+        with LLM(golden_dir("llama"), tp=2, client=cluster2) as again:
+            assert len(again.generate([[4, 5]], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+
+
+def test_tls_cluster_end_to_end():
+    pytest.importorskip("cryptography", reason="distributed's Security.temporary() needs the cryptography package")
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+    security = Security.temporary()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, security=security,
+                      dashboard_address=":0") as cluster, Client(cluster, security=security) as client:
+        assert cluster.scheduler_address.startswith("tls://")
+        with LLM(golden_dir("qwen2"), client=client) as single:
+            expected = single.generate([[3, 4, 5, 6]], max_new_tokens=6, ignore_eos=True)[0].token_ids
+        with LLM(golden_dir("qwen2"), tp=2, client=client) as llm:
+            assert llm.generate([[3, 4, 5, 6]], max_new_tokens=6, ignore_eos=True)[0].token_ids == expected
+            assert llm.comm_stats()[0]["tp"]["all_reduce"]["calls"] > 0     # the ranks really talked (over TLS)
