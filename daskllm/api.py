@@ -41,6 +41,9 @@ class LLM:
         The cluster to use. Default: a LocalCluster with one worker per rank.
     sp_variant : {"ring", "allgather", "ulysses"}
         How sequence-parallel ranks exchange keys and values in a prefill.
+    device : {"cpu", "cuda"}
+        Where ranks hold their shards: NumPy arrays, or CuPy arrays on the worker's GPU
+        (one GPU per worker, e.g. dask-cuda's LocalCUDACluster).
     progress : callable, optional
         progress(ranks loaded, ranks in all) as each rank finishes reading its shards.
 
@@ -52,12 +55,14 @@ class LLM:
     """
 
     def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
-                 sp_variant="ring", security=None, threads_per_worker=None, progress=None):
+                 sp_variant="ring", device="cpu", security=None, threads_per_worker=None, progress=None):
         self.path = os.path.abspath(str(model if model is not None else builtin_model_path()))
         self.checkpoint = Checkpoint(self.path)
         self.config = self.checkpoint.config
         self.mesh = Mesh(dp, tp, sp, ep)
-        self.options = {"sp_variant": sp_variant}
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
+        self.options = {"sp_variant": sp_variant, "device": device}
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids

@@ -20,3 +20,16 @@ def build_runner(checkpoint, plan, coords=None, seams=LOCAL, tp_comm=None, vocab
     weights = structure(flat, cfg.n_layers, cfg.tie_embeddings, vocab_start)
     model = Transformer(cfg, weights, seams, moe_stats=moe_stats)
     return ModelRunner(model, tp_comm=tp_comm, cache_budget_bytes=cache_budget_bytes)
+
+
+def array_module_for(device: str):
+    """numpy for "cpu", cupy for "cuda" (the GPU extra), with a clear error if it is missing."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError("device='cuda' needs CuPy on the workers: pip install 'daskllm[gpu]'") from e
+        return cupy
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -26,7 +26,7 @@ class InProcessReplica:
     (3, 384)
     """
 
-    def __init__(self, checkpoint, mesh: Mesh, timeout: float = 30.0, options: dict | None = None):
+    def __init__(self, checkpoint, mesh: Mesh, timeout: float = 30.0, options: dict | None = None, xp=None):
         if mesh.dp != 1:
             raise ValueError(f"InProcessReplica runs one replica; got dp={mesh.dp}")
         check(checkpoint.config, mesh, options)
@@ -39,7 +39,7 @@ class InProcessReplica:
         def build(r):
             setup = rank_setup(checkpoint.config, mesh, r, self.comms[r], options)
             return build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
-                                setup.vocab_start)
+                                setup.vocab_start, **({"xp": xp} if xp is not None else {}))
         self.runners = self._all(build)
 
     def _all(self, fn) -> list:

@@ -11,7 +11,7 @@ import time
 
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.checkpoint import Checkpoint
-from ..parallel.build import build_runner
+from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
 
@@ -77,8 +77,8 @@ class RankActor:
             from ..model.moe import ExpertLoad
             self.moe_stats = ExpertLoad(cfg.n_layers, cfg.moe.n_experts)
         self.runner = build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
-                                   setup.vocab_start, cache_budget_bytes=cache_budget_bytes,
-                                   moe_stats=self.moe_stats)
+                                   setup.vocab_start, xp=array_module_for(self.options.get("device", "cpu")),
+                                   cache_budget_bytes=cache_budget_bytes, moe_stats=self.moe_stats)
         checkpoint.close()
         return {"seconds": time.perf_counter() - start, "pid": os.getpid(),
                 "blas_threads": self.blas_threads, **self.runner.memory()}
