@@ -41,6 +41,9 @@ class LLM:
         The cluster to use. Default: a LocalCluster with one worker per rank.
     sp_variant : {"ring", "allgather", "ulysses"}
         How sequence-parallel ranks exchange keys and values in a prefill.
+    ship_weights : bool
+        Read each rank's slices on the client and send them to its worker, for clusters whose
+        workers cannot see the checkpoint files (default: each rank reads its slices from disk).
     device : {"cpu", "cuda"}
         Where ranks hold their shards: NumPy arrays, or CuPy arrays on the worker's GPU
         (one GPU per worker, e.g. dask-cuda's LocalCUDACluster).
@@ -55,7 +58,8 @@ class LLM:
     """
 
     def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
-                 sp_variant="ring", device="cpu", security=None, threads_per_worker=None, progress=None):
+                 sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
+                 progress=None):
         self.path = os.path.abspath(str(model if model is not None else builtin_model_path()))
         self.checkpoint = Checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -63,6 +67,7 @@ class LLM:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
         self.options = {"sp_variant": sp_variant, "device": device}
+        self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids
@@ -91,7 +96,8 @@ class LLM:
 
     def _start(self, progress):
         placement = place(self.client, self.mesh)
-        check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
+        if not self.ship_weights:
+            check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
         memory = {addr: mem for addr, _, mem in worker_table(self.client)}
         weights_bytes = sum(self.checkpoint.nbytes(n) for n in self.checkpoint.entries) * 2  # float32 from bf16 at most
         per_token = kv_bytes_per_token(self.config, self.mesh)
@@ -108,7 +114,7 @@ class LLM:
 
         def start(d):
             return Replica(self.client, d, placement[d], self.mesh, self.path, self.options,
-                           on_rank_loaded=rank_loaded)
+                           on_rank_loaded=rank_loaded, ship_from=self.checkpoint if self.ship_weights else None)
         with ThreadPoolExecutor(self.mesh.dp) as pool:
             futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
             for f in futures:
@@ -204,9 +210,11 @@ class LLM:
             raise RuntimeError(
                 f"restoring replicas {lost} needs {size * len(lost)} free workers, the cluster has {len(free)}; "
                 "wait for workers to come back or add some")
-        check_checkpoint_on_workers(self.client, free[:size * len(lost)], self.path)
+        if not self.ship_weights:
+            check_checkpoint_on_workers(self.client, free[:size * len(lost)], self.path)
         for i, d in enumerate(lost):
-            rep = Replica(self.client, d, free[i * size:(i + 1) * size], self.mesh, self.path, self.options)
+            rep = Replica(self.client, d, free[i * size:(i + 1) * size], self.mesh, self.path, self.options,
+                          ship_from=self.checkpoint if self.ship_weights else None)
             self.replicas = [r for r in self.replicas if r.index != d] + [rep]
             self.router.add(ReplicaEngine(rep, self.budget_tokens, settings.get("max-batch-tokens"),
                                           self.router.on_lost))

@@ -99,3 +99,47 @@ def test_tls_cluster_end_to_end():
         with LLM(golden_dir("qwen2"), tp=2, client=client) as llm:
             assert llm.generate([[3, 4, 5, 6]], max_new_tokens=6, ignore_eos=True)[0].token_ids == expected
             assert llm.comm_stats()[0]["tp"]["all_reduce"]["calls"] > 0     # the ranks really talked (over TLS)
+
+
+def _record_opens_under(prefix):
+    """On a worker: remember every file opened under `prefix` (a Python audit hook)."""
+    import sys
+    opened = []
+
+    def hook(event, args):
+        if event == "open" and str(args[0]).startswith(prefix):
+            opened.append(str(args[0]))
+    sys.addaudithook(hook)
+    sys.modules["__main__"].__dict__["_daskllm_opened"] = opened
+
+
+def _opened():
+    import sys
+    return list(sys.modules["__main__"].__dict__.get("_daskllm_opened", []))
+
+
+def _forget_opens():
+    import sys
+    sys.modules["__main__"].__dict__.get("_daskllm_opened", []).clear()
+
+
+def test_shipped_weights_reach_workers_that_never_open_the_files(cluster2, tmp_path):
+    import shutil
+    local = tmp_path / "checkpoint"
+    shutil.copytree(golden_dir("qwen3"), local)
+    cluster2.run(_record_opens_under, str(tmp_path))
+    with LLM(local, client=cluster2) as on_disk:
+        expected = on_disk.generate([[2, 3, 4]], max_new_tokens=5, ignore_eos=True)[0].token_ids
+    assert any(cluster2.run(_opened).values()), "the hook must see a rank that reads from disk"
+    cluster2.run(_forget_opens)
+    with LLM(local, tp=2, client=cluster2, ship_weights=True) as shipped:
+        assert shipped.generate([[2, 3, 4]], max_new_tokens=5, ignore_eos=True)[0].token_ids == expected
+        assert all(info["weights_bytes"] > 0 for info in shipped.replicas[0].load_info)
+    assert cluster2.run(_opened) == {w: [] for w in cluster2.scheduler_info()["workers"]}
+
+
+def test_workers_that_cannot_read_the_checkpoint_are_named(client, tmp_path):
+    from daskllm.runtime.placement import PlacementError, check_checkpoint_on_workers
+    workers = list(client.scheduler_info()["workers"])
+    with pytest.raises(PlacementError, match=r"these workers cannot read the checkpoint .*: tcp://.*ship_weights=True"):
+        check_checkpoint_on_workers(client, workers, str(tmp_path / "not_there"))

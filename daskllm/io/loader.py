@@ -47,3 +47,27 @@ def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32, progress=Non
         if progress is not None:
             progress(i + 1, len(slices))
     return out
+
+
+class ShippedShards:
+    """One rank's slices, read on the client and shipped to the rank (workers without the files).
+
+    Offers the part of Checkpoint's interface that build_runner uses: config, shape, read.
+    """
+
+    def __init__(self, config, shapes: dict, arrays: dict):
+        self.config, self._shapes, self._arrays = config, shapes, arrays
+
+    def shape(self, name: str) -> tuple:
+        return self._shapes[name]
+
+    def read(self, name: str, index=None, dtype=np.float32) -> np.ndarray:
+        return np.asarray(self._arrays[name], dtype=dtype)   # already this rank's slice
+
+    def close(self):
+        self._arrays = {}
+
+
+def read_rank_shards(checkpoint, slices: dict) -> dict:
+    """{name: the rank's slice, in the dtype stored on disk} for shipping to a rank."""
+    return {name: checkpoint.read_bytes(name, index) for name, index in slices.items()}

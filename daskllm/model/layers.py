@@ -25,7 +25,7 @@ def array_module(x):
 def rms_norm(x, weight, eps):
     """x * weight / rms(x), over the last dim, in float32."""
     xp = array_module(x)
-    var = xp.mean(x * x, axis=-1, keepdims=True)
+    var = (x * x).sum(axis=-1, keepdims=True) / x.shape[-1]     # xp.mean's result, without its per-call overhead
     return x * (1.0 / xp.sqrt(var + eps)) * weight
 
 
@@ -95,16 +95,20 @@ def attention_partial(q, k, v, q_pos, k_pos, scale, window=None):
     visible = k_pos[None, :] <= q_pos[:, None]                                       # (Tq, Tk)
     if window is not None:
         visible &= (q_pos[:, None] - k_pos[None, :]) < window
-    if not visible.all():
+    sees_all = k.shape[1] > 0 and bool(visible.all())    # e.g. every decode step: no mask, no empty rows
+    if not sees_all:
         scores = xp.where(visible, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full(scores.shape[:-1] + (1,), -xp.inf, scores.dtype)
-    safe_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
+    safe_max = row_max if sees_all else xp.where(xp.isfinite(row_max), row_max, 0.0)
     probs = xp.exp(scores - safe_max)                                                # (Hkv, G, Tq, Tk)
     total = probs.sum(axis=-1, keepdims=True)
     out = (probs.reshape(n_kv, g * tq, -1) @ v).reshape(n_kv, g, tq, hd)            # (Hkv, G, Tq, hd)
-    with np.errstate(divide="ignore"):
-        out = out / xp.where(total > 0, total, 1.0)
-        lse = xp.log(total[..., 0]) + safe_max[..., 0]                                # (Hkv, G, Tq)
+    if sees_all:
+        out, lse = out / total, xp.log(total[..., 0]) + safe_max[..., 0]              # (Hkv, G, Tq)
+    else:
+        with np.errstate(divide="ignore"):
+            out = out / xp.where(total > 0, total, 1.0)
+            lse = xp.log(total[..., 0]) + safe_max[..., 0]
     out = out.transpose(2, 0, 1, 3).reshape(tq, n_heads, hd)
     lse = lse.transpose(2, 0, 1).reshape(tq, n_heads)
     return out, lse

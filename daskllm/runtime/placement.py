@@ -42,4 +42,4 @@ def check_checkpoint_on_workers(client, workers: list, path: str):
         raise PlacementError(
             f"these workers cannot read the checkpoint {path}: {', '.join(missing)}. "
             "Put the checkpoint on a filesystem all workers share (or copy it to the same path "
-            "on each machine), or pass an absolute path valid on the workers.")
+            "on each machine), or pass ship_weights=True to send each rank its slices from the client.")

@@ -11,6 +11,7 @@ import time
 
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.checkpoint import Checkpoint
+from ..io.loader import ShippedShards
 from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
@@ -66,10 +67,14 @@ class RankActor:
         self.comms = axis_communicators(self.transport, self.replica_mesh, self.local_rank, self.comm_timeout)
         return True
 
-    def load(self, path: str, checkpoint_config=None, cache_budget_bytes=None) -> dict:
-        """Read this rank's slices of the checkpoint and build its runner."""
+    def load(self, path: str, shipped=None, cache_budget_bytes=None) -> dict:
+        """Read this rank's slices of the checkpoint (or take `shipped` ones) and build its runner.
+
+        shipped: (config, full shapes, {name: slice}) read by the client, for workers that
+        cannot see the checkpoint files.
+        """
         start = time.perf_counter()
-        checkpoint = Checkpoint(path)
+        checkpoint = Checkpoint(path) if shipped is None else ShippedShards(*shipped)
         cfg = checkpoint.config
         comms = self.comms or {}
         setup = rank_setup(cfg, self.replica_mesh, self.local_rank, comms, self.options)

@@ -27,7 +27,7 @@ class Replica:
     """Ranks [first_rank, first_rank + tp*sp) of `mesh`, on `workers` (one per rank)."""
 
     def __init__(self, client, index: int, workers: list, mesh: Mesh, path: str, options: dict,
-                 cache_budget_bytes=None, on_rank_loaded=None):
+                 cache_budget_bytes=None, on_rank_loaded=None, ship_from=None):
         self.client, self.index, self.workers, self.mesh = client, index, list(workers), mesh
         self.first_rank = index * mesh.replica_size
         self.alive = True
@@ -44,11 +44,38 @@ class Replica:
                 addresses = dict(enumerate(self._call("listen", timeout=settings.get("connect-timeout"))))
                 self._call("connect", addresses, settings.get("connect-timeout"),
                            timeout=settings.get("connect-timeout") + 5)
-            self.load_info = self._call("load", path, None, cache_budget_bytes,
-                                        timeout=settings.get("load-timeout"), each=on_rank_loaded)
+            if ship_from is None:
+                self.load_info = self._call("load", path, None, cache_budget_bytes,
+                                            timeout=settings.get("load-timeout"), each=on_rank_loaded)
+            else:
+                self.load_info = self._ship_and_load(ship_from, cache_budget_bytes, on_rank_loaded)
         except BaseException:
             self.close()
             raise
+
+    def _ship_and_load(self, checkpoint, cache_budget_bytes, on_rank_loaded) -> list:
+        """Read each rank's slices here and send them with its load call, one rank at a time
+        (so the client holds at most one rank's shard)."""
+        from ..io.loader import read_rank_shards
+        from ..parallel import compose
+        from ..parallel.plan import rank_slices
+        cfg = checkpoint.config
+        replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
+        plan = compose.full_plan(cfg, replica_mesh)
+        shapes = {name: checkpoint.shape(name) for name in plan}
+        infos = []
+        for r, actor in enumerate(self._actors):
+            shards = read_rank_shards(checkpoint, rank_slices(plan, shapes, replica_mesh.coords(r)))
+            try:
+                infos.append(actor.load(None, (cfg, shapes, shards), cache_budget_bytes).result(
+                    timeout=settings.get("load-timeout")))
+            except Exception as e:   # noqa: BLE001 - name the rank
+                self.alive = False
+                raise ReplicaError(f"{self._describe(r)} failed to load shipped weights: {type(e).__name__}: {e}",
+                                   self.index, self.first_rank + r, self.workers[r]) from e
+            if on_rank_loaded is not None:
+                on_rank_loaded(infos[-1])
+        return infos
 
     def _describe(self, r: int) -> str:
         return f"rank {self.first_rank + r} (replica {self.index}) on worker {self.workers[r]}"
