@@ -6,6 +6,7 @@ import re
 import numpy as np
 
 from ..model.forward import Weights
+from ..model.layers import array_module
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -28,10 +29,30 @@ def structure(flat: dict, n_layers: int, tie_embeddings: bool, vocab_start: int 
     for layer in layers:   # an expert-parallel rank may hold no expert of a layer
         if "router" in layer:
             layer.setdefault("experts", {})
+        fuse_projections(layer)
+        for expert in list(layer.get("experts", {}).values()) + [layer.get("shared", {})]:
+            fuse_projections(expert)
     embed = flat["embed"]
     return Weights(embed=embed, norm=flat["norm"],
                    lm_head=embed if tie_embeddings else flat["lm_head"],
                    layers=layers, vocab_start=vocab_start)
+
+
+def fuse_projections(weights: dict):
+    """Join the matrices that read the same input into one, so a step makes fewer, larger matmuls.
+
+    wq, wk, wv -> wqkv (rows stacked) with qkv_sizes; their biases -> bqkv;
+    w_gate, w_up -> w_gate_up (gate rows first). Works on whatever slices this rank holds.
+    """
+    if "wq" in weights:
+        parts = [weights.pop(n) for n in ("wq", "wk", "wv")]
+        weights["qkv_sizes"] = tuple(p.shape[0] for p in parts)
+        weights["wqkv"] = array_module(parts[0]).concatenate(parts, axis=0)          # (Hq+2Hkv)*hd, D
+        if "bq" in weights:
+            weights["bqkv"] = array_module(parts[0]).concatenate([weights.pop(n) for n in ("bq", "bk", "bv")])
+    if "w_gate" in weights:
+        gate, up = weights.pop("w_gate"), weights.pop("w_up")
+        weights["w_gate_up"] = array_module(gate).concatenate([gate, up], axis=0)    # (2I, D)
 
 
 def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32, progress=None) -> dict:

@@ -48,7 +48,8 @@ class Batch:
 
 @dataclass
 class Weights:
-    """One rank's weights, structured: globals plus one dict per layer (see io.names)."""
+    """One rank's weights, structured: globals plus one dict per layer (see io.names;
+    q/k/v and gate/up are fused at load time by io.loader.fuse_projections)."""
     embed: object                      # (V, D) vocabulary rows held here
     norm: object                       # (D,)
     lm_head: object                    # (V, D); the embedding itself when tied
@@ -100,9 +101,11 @@ class Transformer:
 
     def attention(self, i, layer, x, batch, cache, cos, sin):
         cfg, hd, n = self.cfg, self.cfg.head_dim, x.shape[0]
-        q, k, v = x @ layer["wq"].T, x @ layer["wk"].T, x @ layer["wv"].T          # (N, H*hd), (N, Hkv*hd) x2
+        qkv = x @ layer["wqkv"].T                                                   # (N, (H + 2 Hkv) hd)
         if cfg.qkv_bias:
-            q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+            qkv = qkv + layer["bqkv"]
+        nq, nk, _ = layer["qkv_sizes"]
+        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]                 # (N, H*hd), (N, Hkv*hd) x2
         if cfg.qk_norm == "full":                                                   # OLMoE: over the whole projection
             q = self._full_norm(q, layer["q_norm"], cfg.n_heads * hd, "q")
             k = self._full_norm(k, layer["k_norm"], cfg.n_kv_heads * hd, "k")
@@ -118,7 +121,7 @@ class Transformer:
         if "router" in layer:
             y = moe_mlp(x, layer, self.cfg.moe, self.seams, self.moe_stats, i)
         else:
-            y = gated_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"])
+            y = gated_mlp(x, layer["w_gate_up"], layer["w_down"])
         return self.seams.mlp_out(y)
 
     def _full_norm(self, x, weight, full_width, projection):

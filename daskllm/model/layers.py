@@ -34,9 +34,11 @@ def silu(x):
     return x / (1.0 + xp.exp(-x))
 
 
-def gated_mlp(x, w_gate, w_up, w_down):
-    """down(silu(gate(x)) * up(x)); weights in (out, in) layout as in the checkpoint.  (T, D) -> (T, D)"""
-    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+def gated_mlp(x, w_gate_up, w_down):
+    """down(silu(gate(x)) * up(x)), gate and up stacked in one (2I, D) matrix.  (T, D) -> (T, D)"""
+    h = x @ w_gate_up.T                                                      # (T, 2I)
+    width = w_gate_up.shape[0] // 2
+    return (silu(h[:, :width]) * h[:, width:]) @ w_down.T
 
 
 # -- rotary position embedding ---------------------------------------------------------

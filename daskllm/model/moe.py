@@ -29,7 +29,7 @@ def route(x, router_weight, top_k, norm_topk_prob):
 
 def run_expert(weights, x):
     """One expert (a gated MLP) on the tokens routed to it.  (n, D) -> (n, D)"""
-    return gated_mlp(x, weights["w_gate"], weights["w_up"], weights["w_down"])
+    return gated_mlp(x, weights["w_gate_up"], weights["w_down"])
 
 
 def combine_local(x, expert_ids, expert_weights, experts, run=run_expert):

@@ -29,16 +29,6 @@ class Work:
     params: SamplingParams = SamplingParams()
     counter: int = 0
 
-    def to_wire(self) -> list:
-        p = self.params
-        return [self.seq, list(self.tokens), self.start, self.sample,
-                p.temperature, p.top_k, p.top_p, p.seed, self.counter]
-
-    @classmethod
-    def from_wire(cls, w) -> "Work":
-        seq, tokens, start, sample, temperature, top_k, top_p, seed, counter = w
-        return cls(seq, tuple(tokens), start, sample, SamplingParams(temperature, top_k, top_p, seed), counter)
-
 
 class ModelRunner:
     """One rank's model, cache and step.
@@ -55,7 +45,6 @@ class ModelRunner:
 
     def step(self, work: list) -> dict:
         """Feed each sequence its new tokens; {seq: next token} for those that sample."""
-        work = [w if isinstance(w, Work) else Work.from_wire(w) for w in work]
         if not work:
             return {}
         batch = self.model.seams.local_batch(Batch.build([(w.seq, w.tokens, w.start) for w in work]))
