@@ -42,14 +42,12 @@ def _nbytes(arrays) -> int:
 
 
 def _sum_in_rank_order(parts: list, mine: int) -> np.ndarray:
-    """parts[0] + parts[1] + ... added left to right; only parts[mine] (the caller's) is left untouched."""
-    if mine == 0:
-        acc = np.add(parts[0], parts[1], out=np.empty_like(parts[0]))  # fresh: our input untouched
-        rest = parts[2:]
-    else:
-        acc = parts[0]  # received, so ours to overwrite
-        rest = parts[1:]
-    for p in rest:
+    """parts[0] + parts[1] + ... added left to right, into a received buffer (ours to overwrite);
+    parts[mine] (the caller's) is left untouched. (a + b == b + a bit for bit, so rank 0 may
+    add into parts[1].)"""
+    acc = parts[1] if mine == 0 else parts[0]
+    np.add(parts[0], parts[1], out=acc)
+    for p in parts[2:]:
         np.add(acc, p, out=acc)
     return acc
 

@@ -1,158 +1,34 @@
 """A transport over persistent TCP connections (TLS optional), one per pair of ranks.
 
-Wire format of one message: a 4-byte little-endian length, a msgpack header
-``[tag, [[dtype name, shape], ...]]``, then each array's raw bytes. Sends go
-out with one ``sendmsg`` (no copy, no pickle); one receiver thread per
-connection reads frames into fresh numpy buffers and queues them per
-``(peer, tag)``, so two ranks sending large arrays to each other at once never
-deadlock. Rank i dials every rank j < i and says hello with its rank; higher
-ranks are accepted.
+Framing, non-blocking connection I/O and TLS live in tcp_conn.py.
+
+Threading model: no receiver threads. Sockets are non-blocking and the thread
+that waits reads: whoever blocks in `recv`, or in a `send` whose socket is
+full, takes the transport's reader role, polls every connection, reads the
+frames that arrive (small ones through a staging buffer, large array bodies
+straight into their numpy buffers), keeps the one it wants and queues the rest
+per ``(peer, tag)``. Other threads wait on a condition for their queue or for
+the role. So a message costs one wake-up, not a hand-off between threads; two
+ranks sending large arrays to each other at once never deadlock (a blocked
+sender keeps reading); frames parse incrementally, so a timeout mid-frame
+leaves the stream intact. A rank drains its sockets only while one of its
+threads is inside the transport, so a send larger than the socket buffers
+completes once the peer enters a comm call (every collective does).
+Rank i dials every rank j < i and says hello with its rank; higher ranks are accepted.
 """
 
 from __future__ import annotations
 
+import collections
+import select
 import socket
 import ssl
-import struct
 import threading
 import time
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 and friends with numpy.dtype)
-import msgpack
-import numpy as np
 
 from .base import CommError, CommTimeout, Inbox, PeerLost, Transport, wire_array
-
-_PREFIX = struct.Struct("<I")
-_TLS_CHUNK = 1 << 20  # plaintext bytes encrypted per lock hold
-_IOV_MAX = 512
-
-
-class _Plain:
-    """A connected socket: gathered writes under a lock, plain reads."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.wlock = threading.Lock()
-
-    def send(self, bufs: list) -> None:
-        views = [memoryview(b).cast("B") for b in bufs]
-        views = [v for v in views if v.nbytes]
-        with self.wlock:
-            while views:
-                n = self.sock.sendmsg(views[:_IOV_MAX])
-                while n:
-                    if n >= views[0].nbytes:
-                        n -= views[0].nbytes
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
-
-    def recv_into(self, view: memoryview) -> int:
-        return self.sock.recv_into(view)
-
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _Tls(_Plain):
-    """A TLS connection through memory BIOs, so one thread may read while another writes.
-
-    (An SSLSocket must not be read and written at once from two threads.)
-    Records that reading produces (rare after the handshake) leave with the next send.
-    """
-
-    def __init__(self, sock, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
-        super().__init__(sock)
-        self.obj, self.incoming, self.outgoing = obj, incoming, outgoing
-        self.ssl_lock = threading.Lock()
-
-    def send(self, bufs: list) -> None:
-        with self.wlock:
-            for b in bufs:
-                mv = memoryview(b).cast("B")
-                for i in range(0, mv.nbytes, _TLS_CHUNK):
-                    with self.ssl_lock:
-                        self.obj.write(mv[i : i + _TLS_CHUNK])
-                        data = self.outgoing.read()
-                    self.sock.sendall(data)
-
-    def recv_into(self, view: memoryview) -> int:
-        while True:
-            with self.ssl_lock:
-                try:
-                    return self.obj.read(view.nbytes, view)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return 0
-            data = self.sock.recv(1 << 18)
-            if not data:
-                return 0
-            with self.ssl_lock:
-                self.incoming.write(data)
-
-
-def _tls_handshake(sock, ctx: ssl.SSLContext, server_side: bool, hostname, deadline) -> _Tls:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    hostname = None if server_side or not ctx.check_hostname else hostname
-    obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=hostname)
-    while True:
-        try:
-            obj.do_handshake()
-            done = True
-        except ssl.SSLWantReadError:
-            done = False
-        data = outgoing.read()
-        if data:
-            sock.sendall(data)
-        if done:
-            return _Tls(sock, obj, incoming, outgoing)
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        data = sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("peer closed the connection during the TLS handshake")
-        incoming.write(data)
-
-
-def _read_exact(conn: _Plain, view: memoryview) -> None:
-    while view.nbytes:
-        n = conn.recv_into(view)
-        if n == 0:
-            raise EOFError("connection closed")
-        view = view[n:]
-
-
-def _bytes_of(a: np.ndarray) -> memoryview:
-    return memoryview(a.reshape(-1).view(np.uint8))
-
-
-def _read_frame(conn: _Plain, prefix: bytearray) -> tuple[str, list]:
-    _read_exact(conn, memoryview(prefix))
-    header = bytearray(_PREFIX.unpack(prefix)[0])
-    _read_exact(conn, memoryview(header))
-    tag, specs = msgpack.unpackb(header)
-    arrays = []
-    for dtype, shape in specs:
-        a = np.empty(shape, dtype=np.dtype(dtype))
-        if a.nbytes:
-            _read_exact(conn, _bytes_of(a))
-        arrays.append(a)
-    return tag, arrays
-
-
-def _frame(tag: str, arrays: list) -> list:
-    """Buffers of one message: prefix + header, then each array's bytes."""
-    header = msgpack.packb([tag, [[a.dtype.name, a.shape] for a in arrays]])
-    return [_PREFIX.pack(len(header)) + header] + [_bytes_of(a) for a in arrays if a.nbytes]
-
+from .tcp_conn import _BAD, _IN, _IOV_MAX, _RETRY_S, _Conn, _frame, _send_blocking, _tls_handshake
 
 class TcpTransport(Transport):
     """Rank `rank` of `world_size`, connected to every other rank by one TCP socket.
@@ -173,13 +49,22 @@ class TcpTransport(Transport):
         self.rank = rank
         self.world_size = world_size
         self.ssl_listen, self.ssl_connect = ssl_listen, ssl_connect
-        self.timeout = timeout
-        self.inbox = Inbox(rank)
+        self.timeout = timeout  # also the longest a send may make no progress
+        self.inbox = Inbox(rank)  # waits on ranks without a connection (this rank itself)
         self._listener: socket.socket | None = None
-        self._conns: dict[int, _Plain] = {}
-        self._threads: list[threading.Thread] = []
+        self._conns: dict[int, _Conn] = {}
         self._closed = False
         self._lock = threading.Lock()
+        # the reader role and the frames read for others, under _cv
+        self._cv = threading.Condition(threading.Lock())
+        self._queues: dict[tuple[int, str], collections.deque] = {}
+        self._reading = False
+        self._waiting = 0
+        self._closed_error: CommError | None = None
+        # used only by the holder of the reader role
+        self._poll = select.poll()
+        self._by_fd: dict[int, _Conn] = {}
+        self._pending: set[_Conn] = set()  # connections that may hold parsed-ahead bytes
 
     def __repr__(self):
         return f"TcpTransport(rank={self.rank}, world_size={self.world_size}, peers={sorted(self._conns)})"
@@ -224,11 +109,10 @@ class TcpTransport(Transport):
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock.connect(address)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = _Plain(sock)
+                conn = _Conn(sock)
                 if self.ssl_connect is not None:
                     conn = _tls_handshake(sock, self.ssl_connect, False, address[0], deadline)
-                conn.send(_frame(f"hello {self.rank} {self.world_size}", []))
-                sock.settimeout(None)
+                _send_blocking(conn, _frame(f"hello {self.rank} {self.world_size}", []))
                 self._add(peer, conn)
                 return
             except (ConnectionRefusedError, ConnectionResetError) as e:
@@ -260,15 +144,14 @@ class TcpTransport(Transport):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            conn = _Plain(sock)
+            conn = _Conn(sock)
             if self.ssl_listen is not None:
                 conn = _tls_handshake(sock, self.ssl_listen, True, None, deadline)
-            tag, _ = _read_frame(conn, bytearray(_PREFIX.size))
+            tag, _ = conn.read_frame_blocking(deadline)
             word, peer, world = tag.split()
             peer, world = int(peer), int(world)
             if word != "hello" or world != self.world_size or peer not in missing:
                 raise ValueError(f"unexpected hello {tag!r} (world {self.world_size}, expecting ranks {missing})")
-            sock.settimeout(None)
         except (OSError, EOFError, ValueError, ssl.SSLError) as e:
             sock.close()
             if isinstance(e, TimeoutError):
@@ -278,60 +161,217 @@ class TcpTransport(Transport):
             raise CommError(f"rank {self.rank}: bad incoming connection: {e!r}", rank=self.rank) from None
         self._add(peer, conn)
 
-    def _add(self, peer: int, conn: _Plain) -> None:
+    def _add(self, peer: int, conn: _Conn) -> None:
         with self._lock:
             if self._closed:
                 conn.close()
                 raise CommError(f"rank {self.rank}: transport is closed", rank=self.rank)
+            conn.peer = peer
+            conn.sock.setblocking(False)
+            fd = conn.sock.fileno()
             self._conns[peer] = conn
-            t = threading.Thread(
-                target=self._receive, args=(peer, conn), name=f"daskllm-recv-{self.rank}<-{peer}", daemon=True
-            )
-            self._threads.append(t)
-        t.start()
+            self._by_fd[fd] = conn
+            self._poll.register(fd, _IN)
+            self._pending.add(conn)  # the hello read may have staged bytes of the next frames
 
-    def _receive(self, peer: int, conn: _Plain) -> None:
-        """Receiver thread: queue every frame from `peer` until the connection ends."""
-        prefix = bytearray(_PREFIX.size)
+    # reading: only the holder of the reader role -------------------------------
+
+    def _deliver(self, peer: int, tag: str, arrays: list) -> None:
+        with self._cv:
+            q = self._queues.get((peer, tag))
+            if q is None:
+                q = self._queues[(peer, tag)] = collections.deque()
+            q.append(arrays)
+            if self._waiting:
+                self._cv.notify_all()
+
+    def _pump(self, conn: _Conn, want: str | None = None):
+        """Read what `conn` has; returns the first frame tagged `want`, queues the others."""
+        if conn.error is not None:
+            return None
         try:
-            while True:
-                tag, arrays = _read_frame(conn, prefix)
-                self.inbox.put(peer, tag, arrays)
-        except Exception as e:  # noqa: BLE001  (any end of the stream means the peer is gone)
-            reason = "connection closed" if isinstance(e, EOFError) else repr(e)
-            self.inbox.fail(peer, PeerLost(f"rank {peer} is gone ({reason})", rank=self.rank, peer=peer))
+            got = conn.pump(lambda tag, arrays: self._deliver(conn.peer, tag, arrays), want)
+        except (EOFError, OSError, ssl.SSLError) as e:
+            self._lose(conn, e)
+            return None
+        if got is None:
+            self._pending.discard(conn)
+        else:
+            self._pending.add(conn)  # stopped early: more may be staged
+        return got
+
+    def _lose(self, conn: _Conn, e: BaseException) -> None:
+        reason = "connection closed" if isinstance(e, EOFError) else repr(e)
+        with self._cv:
+            if conn.error is None:
+                conn.error = self._closed_error or PeerLost(
+                    f"rank {conn.peer} is gone ({reason})", rank=self.rank, peer=conn.peer
+                )
+            self._cv.notify_all()
+        self._pending.discard(conn)
+        try:
+            self._poll.unregister(conn.sock.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _pump_ready(self, events, skip=None) -> None:
+        for c in list(self._pending):
+            if c is not skip:
+                self._pump(c)
+        for fd, ev in events:
+            c = self._by_fd.get(fd)
+            if c is not None and c is not skip and ev & (_IN | _BAD):
+                self._pump(c)
+
+    def _claim(self) -> bool:
+        with self._cv:
+            if self._reading:
+                return False
+            self._reading = True
+            return True
+
+    def _release(self) -> None:
+        with self._cv:
+            self._reading = False
+            if self._waiting:
+                self._cv.notify_all()
+
+    # the Transport interface ----------------------------------------------------
 
     def send(self, peer: int, tag: str, arrays: list) -> None:
         conn = self._conns.get(peer)
         if conn is None or self._closed:
             state = "transport is closed" if self._closed else f"no connection to rank {peer}"
             raise CommError(f"rank {self.rank}: {state}", rank=self.rank, peer=peer, tag=tag)
-        err = self.inbox.error(peer)
-        if err is not None:
-            raise err
+        if conn.error is not None:
+            raise conn.error
         arrays = [wire_array(a) for a in arrays]
         try:
-            conn.send(_frame(tag, arrays))
+            with conn.wlock:
+                for views in conn.wire(_frame(tag, arrays)):
+                    self._write(conn, views, tag)
         except (OSError, ssl.SSLError) as e:
             raise PeerLost(
                 f"rank {self.rank} could not send to rank {peer}: {e!r}", rank=self.rank, peer=peer, tag=tag
             ) from None
 
+    def _write(self, conn: _Conn, views: list, tag: str) -> None:
+        """Put views on the non-blocking socket; while it is full, read what arrives."""
+        stall = time.monotonic() + self.timeout
+        while views:
+            try:
+                n = conn.sock.sendmsg(views[:_IOV_MAX])
+            except BlockingIOError:
+                left = stall - time.monotonic()
+                if left <= 0:
+                    raise CommTimeout(
+                        f"rank {self.rank} could not send to rank {conn.peer} for {self.timeout:.1f} s "
+                        f"(tag {tag!r}): it reads nothing",
+                        rank=self.rank, peer=conn.peer, tag=tag,
+                    ) from None
+                self._wait_writable(conn, left)
+                continue
+            stall = time.monotonic() + self.timeout
+            while n:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def _wait_writable(self, conn: _Conn, timeout: float) -> None:
+        """Until conn can take more bytes (or `timeout` s), reading every connection if we may."""
+        if conn.error is not None:
+            raise conn.error
+        if not self._claim():  # another thread reads for us; look back soon in case it stops
+            conn.pollout().poll(min(timeout, _RETRY_S) * 1000)
+            return
+        fd = conn.sock.fileno()
+        try:
+            self._poll.modify(fd, _IN | select.POLLOUT)
+            try:
+                events = []
+                while True:
+                    self._pump_ready(events)
+                    if conn.error is not None:
+                        raise conn.error
+                    events = self._poll.poll(timeout * 1000)
+                    if not events or any(f == fd and ev & (select.POLLOUT | _BAD) for f, ev in events):
+                        return
+            finally:
+                if conn.error is None:
+                    self._poll.modify(fd, _IN)
+        finally:
+            self._release()
+
     def recv(self, peer: int, tag: str, timeout: float) -> list:
-        if peer not in self._conns and not self._closed and peer != self.rank:
-            raise CommError(f"rank {self.rank}: no connection to rank {peer}", rank=self.rank, peer=peer, tag=tag)
-        return self.inbox.get(peer, tag, timeout)
+        conn = self._conns.get(peer)
+        if conn is None:
+            if not self._closed and peer != self.rank:
+                raise CommError(f"rank {self.rank}: no connection to rank {peer}", rank=self.rank, peer=peer, tag=tag)
+            return self.inbox.get(peer, tag, timeout)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        key = (peer, tag)
+        with self._cv:
+            while True:
+                q = self._queues.get(key)
+                if q:
+                    return q.popleft()
+                err = conn.error or self._closed_error
+                if err is not None:
+                    raise err
+                if not self._reading:
+                    self._reading = True
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timed_out(peer, tag, timeout)
+                self._waiting += 1
+                try:
+                    self._cv.wait(left)
+                finally:
+                    self._waiting -= 1
+        try:
+            events = []
+            while True:
+                got = self._pump(conn, tag)
+                if got is not None:
+                    return got
+                if conn.error is not None:
+                    raise conn.error
+                self._pump_ready(events, skip=conn)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timed_out(peer, tag, timeout)
+                events = self._poll.poll(left * 1000)
+        finally:
+            self._release()
+
+    def _timed_out(self, peer, tag, timeout) -> CommTimeout:
+        return CommTimeout(
+            f"rank {self.rank} waited {timeout:.1f} s for rank {peer} (tag {tag!r})",
+            rank=self.rank, peer=peer, tag=tag,
+        )
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self.inbox.fail(None, CommError(f"rank {self.rank}: transport is closed", rank=self.rank))
+        error = CommError(f"rank {self.rank}: transport is closed", rank=self.rank)
+        with self._cv:
+            self._closed_error = error
+            self._cv.notify_all()
+        self.inbox.fail(None, error)
         for conn in self._conns.values():
             conn.shutdown()
-        for t in self._threads:
-            t.join(timeout=5.0)
+        with self._cv:  # a reader wakes on the shutdown; let it leave before the sockets go
+            self._waiting += 1
+            try:
+                self._cv.wait_for(lambda: not self._reading, timeout=5.0)
+            finally:
+                self._waiting -= 1
         for conn in self._conns.values():
             conn.close()
         if self._listener is not None:
