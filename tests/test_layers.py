@@ -6,7 +6,7 @@ import pytest
 
 from daskllm.model.cache import CacheFullError, KVCache
 from daskllm.model.config import RopeConfig
-from daskllm.model.layers import attention_partial, merge_partials, rope_inv_freq
+from daskllm.model.layers import attention_partial, blockwise_attention, merge_partials, rope_inv_freq
 
 
 def _qkv(tq=5, tk=9, h=4, hkv=2, hd=8, seed=0):
@@ -72,3 +72,13 @@ def test_kv_cache_grows_keeps_positions_and_enforces_budget():
     small = KVCache(n_layers=1, budget_bytes=1000)
     with pytest.raises(CacheFullError, match="budget of 1000 bytes"):
         small.append(0, 1, np.zeros((2, 64, 4), np.float32), np.zeros((2, 64, 4), np.float32), np.arange(64))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_blockwise_attention_equals_one_partial(window):
+    q, k, v = _qkv(tq=37, tk=50, seed=2)
+    q_pos, k_pos = np.arange(13, 50), np.arange(50)
+    whole = attention_partial(q, k, v, q_pos, k_pos, 0.3, window)
+    tiled = blockwise_attention(q, k, v, q_pos, k_pos, 0.3, window, block=8)
+    np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tiled[1], whole[1], rtol=1e-5, atol=1e-6)

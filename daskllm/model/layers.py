@@ -135,3 +135,30 @@ def merge_partials(outs, lses):
         out = out / xp.where(total > 0, total, 1.0)[..., None]
         lse = xp.log(total) + top
     return out, lse
+
+
+def blockwise_attention(q, k, v, q_pos, k_pos, scale, window=None, block=1024):
+    """attention_partial in tiles of `block` queries x `block` keys, merged by log-sum-exp.
+
+    Same result as one attention_partial call, but scores take O(block^2) memory instead of
+    O(Tq x Tk), and key tiles that every query of a tile would mask are skipped (causal).
+    q (Tq, H, hd), k and v (Hkv, Tk, hd) -> out (Tq, H, hd), lse (Tq, H).
+    """
+    xp = array_module(q)
+    if q.shape[0] * k.shape[1] <= block * block:
+        return attention_partial(q, k, v, q_pos, k_pos, scale, window)
+    outs, lses = [], []
+    k_first = [int(k_pos[j:j + block].min()) for j in range(0, k.shape[1], block)]
+    k_last = [int(k_pos[j:j + block].max()) for j in range(0, k.shape[1], block)]
+    for i in range(0, q.shape[0], block):
+        qb, pb = q[i:i + block], q_pos[i:i + block]
+        q_lo, q_hi = int(pb.min()), int(pb.max())
+        parts = [attention_partial(qb, k[:, j:j + block], v[:, j:j + block], pb, k_pos[j:j + block], scale, window)
+                 for n, j in enumerate(range(0, k.shape[1], block))
+                 if k_first[n] <= q_hi and (window is None or k_last[n] > q_lo - window)]
+        if not parts:                       # nothing visible: zeros and -inf, as attention_partial gives
+            parts = [(xp.zeros_like(qb), xp.full(qb.shape[:2], -xp.inf, qb.dtype))]
+        out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+        outs.append(out)
+        lses.append(lse)
+    return xp.concatenate(outs), xp.concatenate(lses)

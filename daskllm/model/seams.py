@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .layers import array_module, attention_partial
+from .layers import array_module, blockwise_attention
 
 
 def identity(x):
@@ -33,7 +33,7 @@ def local_attend(layer, q, k, v, batch, cache, scale, window):
         pos = xp.asarray(batch.positions[lo:hi])                                 # global positions, on the device
         cache.append(layer, seq_id, k[lo:hi].transpose(1, 0, 2), v[lo:hi].transpose(1, 0, 2), pos)
         keys, values, key_pos = cache.view(layer, seq_id)
-        out[lo:hi] = attention_partial(q[lo:hi], keys, values, pos, key_pos, scale, window)[0]
+        out[lo:hi] = blockwise_attention(q[lo:hi], keys, values, pos, key_pos, scale, window)[0]
     return out
 
 

@@ -12,11 +12,11 @@ makes in the same order.
 """
 from __future__ import annotations
 
-from ..model.layers import array_module, attention_partial, merge_partials
+from ..model.layers import array_module, blockwise_attention, merge_partials
 
 
 def visible_partial(q, k, v, q_pos, k_pos, scale, window=None):
-    """attention_partial on only the keys some query sees and the queries that see some key.
+    """Attention (blockwise, see model.layers) on only the keys some query sees and the queries that see some key.
 
     q (n, H, hd), k and v (Hkv, m, hd) or None, q_pos (n,), k_pos (m,) -> out (n, H, hd),
     lse (n, H). The result equals attention_partial's (a masked key adds exp(-inf) = 0);
@@ -40,10 +40,10 @@ def visible_partial(q, k, v, q_pos, k_pos, scale, window=None):
     if window is not None:
         keep_q &= q_pos < k_pos.max() + window
     if bool(keep_q.all()):
-        return attention_partial(q, k, v, q_pos, k_pos, scale, window)
+        return blockwise_attention(q, k, v, q_pos, k_pos, scale, window)
     if not bool(keep_q.any()):
         return out, lse
-    out[keep_q], lse[keep_q] = attention_partial(q[keep_q], k, v, q_pos[keep_q], k_pos, scale, window)
+    out[keep_q], lse[keep_q] = blockwise_attention(q[keep_q], k, v, q_pos[keep_q], k_pos, scale, window)
     return out, lse
 
 
