@@ -120,8 +120,12 @@ class LLM:
             for f in futures:
                 self.replicas.append(f.result())
         for rep in self.replicas:
-            self.router.add(ReplicaEngine(rep, self.budget_tokens, settings.get("max-batch-tokens"),
-                                          self.router.on_lost))
+            self.router.add(self._engine(rep))
+
+    def _engine(self, replica) -> ReplicaEngine:
+        # The step's token cap is per rank: sequence-parallel ranks each take 1/sp of the tokens.
+        return ReplicaEngine(replica, self.budget_tokens, settings.get("max-batch-tokens") * self.mesh.sp,
+                             self.router.on_lost)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -216,8 +220,7 @@ class LLM:
             rep = Replica(self.client, d, free[i * size:(i + 1) * size], self.mesh, self.path, self.options,
                           ship_from=self.checkpoint if self.ship_weights else None)
             self.replicas = [r for r in self.replicas if r.index != d] + [rep]
-            self.router.add(ReplicaEngine(rep, self.budget_tokens, settings.get("max-batch-tokens"),
-                                          self.router.on_lost))
+            self.router.add(self._engine(rep))
         return lost
 
     # -- inspection ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ DEFAULTS = {
         "comm-timeout": 60.0,       # s: one collective waiting for a peer inside a step
         "kv-cache-fraction": 0.5,   # of a worker's memory limit, after weights, for the KV cache
         "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)
-        "max-batch-tokens": 4096,   # tokens fed to a replica in one step (prefill chunks are cut to fit)
+        "max-batch-tokens": 4096,   # tokens a rank takes in one step (x sp per replica; longer prefills are chunked)
     }
 }
 dask.config.update_defaults(DEFAULTS)
