@@ -92,8 +92,10 @@ def next_tokens(logits, vocab_start, params, counters, comm=None):
     lse = _logsumexp(scaled)                                                          # (B,)
     parts = [(values, cols + vocab_start, lse)]
     if comm is not None and comm.size > 1:
-        parts = list(zip(comm.all_gather_list(values), comm.all_gather_list(cols + vocab_start),
-                         comm.all_gather_list(lse)))
+        # One exchange per step: values, global ids (exact in float64 below 2^53) and lse packed.
+        packed = np.concatenate([values, (cols + vocab_start).astype(np.float64), lse[:, None]], axis=1)
+        parts = [(p[:, :c], p[:, c:2 * c].astype(np.int64), p[:, 2 * c])               # (B, 2C+1) per rank,
+                 for p in comm.all_gather_list(packed) for c in [(p.shape[1] - 1) // 2]]   # C differs by rank
     cand_v = np.concatenate([p[0] for p in parts], axis=1)                            # (B, R*C)
     cand_id = np.concatenate([p[1] for p in parts], axis=1)
     total_lse = np.logaddexp.reduce(np.stack([p[2] for p in parts]), axis=0)          # (B,)
