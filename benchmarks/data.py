@@ -16,17 +16,11 @@ import statistics
 import tempfile
 import time
 
+from common import random_llama
+
 
 def make_model(path, layers, hidden):
-    from daskllm.io.builtin import random_llama_weights, write_checkpoint
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8000,
-           "hidden_size": hidden, "intermediate_size": int(hidden * 2.75), "num_hidden_layers": layers,
-           "num_attention_heads": hidden // 64, "num_key_value_heads": max(1, hidden // 128),
-           "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False}
-    write_checkpoint(path, cfg, random_llama_weights(cfg, seed=1, scale=0.05))
-    n_params = sum(v.size for v in random_llama_weights(cfg, seed=1).values())
-    return n_params
+    return random_llama(path, layers=layers, hidden=hidden)
 
 
 def run(path, dp, workers, threads, prompts, new_tokens):

@@ -37,14 +37,16 @@ def _sum_stats(tree) -> tuple:
 class Dask:
     """`daskllm.LLM` on a LocalCluster of `workers` processes x `threads` threads."""
 
-    def __init__(self, path, tp, workers, threads):
+    def __init__(self, path, tp, workers, threads, spin=0.0):
+        import dask
         from distributed import Client, LocalCluster
 
         from daskllm import LLM
         self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                     dashboard_address=None, host="127.0.0.1")
         self.client = Client(self.cluster, direct_to_workers=True)
-        self.llm = LLM(str(path), tp=tp, client=self.client)
+        with dask.config.set({"daskllm.comm-spin": spin}):
+            self.llm = LLM(str(path), tp=tp, client=self.client)
 
     def generate(self, prompts, n):
         return self.llm.generate(prompts, max_new_tokens=n, ignore_eos=True)
@@ -60,7 +62,7 @@ class Dask:
 class InProcess:
     """The same replica as threads of this process (no Dask, one BLAS pool shared)."""
 
-    def __init__(self, path, tp, workers, threads):
+    def __init__(self, path, tp, workers, threads, spin=0.0):
         from daskllm.io.checkpoint import Checkpoint
         from daskllm.parallel.local_mesh import InProcessReplica
         from daskllm.parallel.mesh import Mesh
@@ -76,27 +78,31 @@ class InProcess:
         self.replica.close()
 
 
-def measure(runner, vocab, prefill, steps, rng) -> dict:
+def measure(runner, vocab, prefill, steps, rng, repeats=3) -> dict:
+    """Medians over `repeats` of the prefill time and of the decode step (time, bytes, comm share)."""
     short = rng.integers(3, vocab, 8).tolist()
     runner.generate([short], 2)                                       # warm up
-    t0 = time.perf_counter()
-    runner.generate([rng.integers(3, vocab, prefill).tolist()], 1)
-    t_prefill = time.perf_counter() - t0
-    sent0, secs0 = runner.comm()
-    t0 = time.perf_counter()
-    runner.generate([short], 1)
-    t_one = time.perf_counter() - t0
-    sent1, secs1 = runner.comm()
-    t0 = time.perf_counter()
-    runner.generate([short], 1 + steps)
-    t_many = time.perf_counter() - t0
-    sent2, secs2 = runner.comm()
-    # the decode steps alone: the longer run minus the one-token run (same prefill)
-    decode_sent = (sent2 - sent1) - (sent1 - sent0)
-    decode_secs = (secs2 - secs1) - (secs1 - secs0)
-    t_decode = max(t_many - t_one, 1e-9)
-    return {"prefill": t_prefill, "step": t_decode / steps,
-            "bytes_per_token": decode_sent / steps, "comm_share": max(decode_secs, 0.0) / t_decode}
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.generate([rng.integers(3, vocab, prefill).tolist()], 1)
+        t_prefill = time.perf_counter() - t0
+        sent0, secs0 = runner.comm()
+        t0 = time.perf_counter()
+        runner.generate([short], 1)
+        t_one = time.perf_counter() - t0
+        sent1, secs1 = runner.comm()
+        t0 = time.perf_counter()
+        runner.generate([short], 1 + steps)
+        t_many = time.perf_counter() - t0
+        sent2, secs2 = runner.comm()
+        # the decode steps alone: the longer run minus the one-token run (same prefill)
+        decode_sent = (sent2 - sent1) - (sent1 - sent0)
+        decode_secs = (secs2 - secs1) - (secs1 - secs0)
+        t_decode = max(t_many - t_one, 1e-9)
+        runs.append({"prefill": t_prefill, "step": t_decode / steps, "bytes_per_token": decode_sent / steps,
+                     "comm_share": max(decode_secs, 0.0) / t_decode})
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
 
 
 def main(argv=None):
@@ -123,9 +129,10 @@ def main(argv=None):
               f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}"
               f"{' (in-process threads)' if args.in_process else ''}")
         rows = []
-        for name, tp, workers, threads in (("1 rank (1 worker x 2 threads)", 1, 1, 2),
-                                           ("tp=2 (2 workers x 1 thread)", 2, 2, 1)):
-            runner = backend(path, tp, workers, threads)
+        for name, tp, workers, threads, spin in (("1 rank (1 worker x 2 threads)", 1, 1, 2, 0.0),
+                                                 ("tp=2 (2 workers x 1 thread)", 2, 2, 1, 0.0),
+                                                 ("tp=2, comm-spin 200 us", 2, 2, 1, 2e-4)):
+            runner = backend(path, tp, workers, threads, spin)
             try:
                 rows.append((name, tp, measure(runner, args.vocab, args.prefill, args.steps, rng)))
             finally:
@@ -133,14 +140,15 @@ def main(argv=None):
 
     analytic = 2 * args.layers * args.hidden * 4
     base = rows[0][2]
-    print(f"\n{'configuration':<31} {'prefill ' + str(args.prefill):>12} {'decode step':>12} "
-          f"{'speed-up':>9} {'bytes/token':>12} {'analytic':>10} {'comm share':>11}")
+    print(f"\n| {'configuration':<31} | {'prefill ' + str(args.prefill):>12} | {'ratio':>6} | {'decode step':>11} | "
+          f"{'ratio':>6} | {'bytes/token':>11} | {'analytic':>8} | {'comm share':>10} |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: |")
     for name, tp, m in rows:
-        print(f"{name:<31} {m['prefill'] * 1e3:>9.1f} ms {m['step'] * 1e3:>9.2f} ms "
-              f"{base['step'] / m['step']:>8.2f}x {m['bytes_per_token']:>12.0f} "
-              f"{analytic if tp > 1 else 0:>10} {m['comm_share']:>10.1%}")
-    print("(speed-up: decode step of 1 rank / this; bytes/token: rank 0 sent, all collectives; "
-          "analytic: 2 all-reduces x layers x hidden x 4 B)")
+        print(f"| {name:<31} | {m['prefill'] * 1e3:>9.1f} ms | {m['prefill'] / base['prefill']:>5.2f}x | "
+              f"{m['step'] * 1e3:>8.2f} ms | {m['step'] / base['step']:>5.2f}x | {m['bytes_per_token']:>11.0f} | "
+              f"{analytic if tp > 1 else 0:>8} | {m['comm_share']:>10.1%} |")
+    print("(ratio: this configuration's time / 1 rank's, medians of 3; bytes/token: rank 0 sent, all "
+          "collectives; analytic: 2 all-reduces x layers x hidden x 4 B)")
 
 
 def _shapes(path):

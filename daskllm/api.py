@@ -66,7 +66,7 @@ class LLM:
         self.mesh = Mesh(dp, tp, sp, ep)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
-        self.options = {"sp_variant": sp_variant, "device": device}
+        self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin")}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = Tokenizer.from_dir(self.path)

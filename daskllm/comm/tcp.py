@@ -41,7 +41,8 @@ class TcpTransport(Transport):
     >>> t.close()
     """
 
-    def __init__(self, rank: int, world_size: int, *, ssl_listen=None, ssl_connect=None, timeout=30.0):
+    def __init__(self, rank: int, world_size: int, *, ssl_listen=None, ssl_connect=None, timeout=30.0,
+                 spin=0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if (ssl_listen is None) != (ssl_connect is None):
@@ -50,6 +51,7 @@ class TcpTransport(Transport):
         self.world_size = world_size
         self.ssl_listen, self.ssl_connect = ssl_listen, ssl_connect
         self.timeout = timeout  # also the longest a send may make no progress
+        self.spin = spin        # seconds a receiver polls without sleeping before it blocks
         self.inbox = Inbox(rank)  # waits on ranks without a connection (this rank itself)
         self._listener: socket.socket | None = None
         self._conns: dict[int, _Conn] = {}
@@ -334,6 +336,7 @@ class TcpTransport(Transport):
                     self._waiting -= 1
         try:
             events = []
+            spin_until = time.monotonic() + self.spin
             while True:
                 got = self._pump(conn, tag)
                 if got is not None:
@@ -341,10 +344,13 @@ class TcpTransport(Transport):
                 if conn.error is not None:
                     raise conn.error
                 self._pump_ready(events, skip=conn)
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise self._timed_out(peer, tag, timeout)
-                events = self._poll.poll(left * 1000)
+                # Poll without sleeping for a few microseconds first: a peer that is about to
+                # answer costs no wake-up of a sleeping thread (as NCCL and MPI spin, then block).
+                events = self._poll.poll(0 if now < spin_until else left * 1000)
         finally:
             self._release()
 

@@ -3,7 +3,8 @@
 Per sequence and layer the cache keeps k and v as (Hkv, capacity, hd) so that attention
 reads each head's keys contiguously, plus the global position of every stored entry
 (a sequence-parallel rank holds a non-contiguous subset of the positions).
-Capacity grows by doubling, so appending one token per step is amortised O(1).
+Capacity grows by a quarter each time (at least 16 entries), so appending one token per step
+is amortised O(1) and a long prefill reserves at most 25% more than it stores.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class KVCache:
         n_new = k.shape[1]
         used = seq.length[layer]
         if seq.k[layer] is None or used + n_new > seq.k[layer].shape[1]:
-            self._grow(seq, layer, k.shape[0], k.shape[2], max(16, 2 * (used + n_new)))
+            need = used + n_new        # room for this chunk plus a quarter: a long prefill wastes little
+            self._grow(seq, layer, k.shape[0], k.shape[2], need + max(16, need // 4))
         seq.k[layer][:, used:used + n_new] = k
         seq.v[layer][:, used:used + n_new] = v
         seq.pos[layer][used:used + n_new] = pos

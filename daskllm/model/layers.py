@@ -137,7 +137,7 @@ def merge_partials(outs, lses):
     return out, lse
 
 
-def blockwise_attention(q, k, v, q_pos, k_pos, scale, window=None, block=1024):
+def blockwise_attention(q, k, v, q_pos, k_pos, scale, window=None, block=512):
     """attention_partial in tiles of `block` queries x `block` keys, merged by log-sum-exp.
 
     Same result as one attention_partial call, but scores take O(block^2) memory instead of

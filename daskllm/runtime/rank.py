@@ -56,7 +56,8 @@ class RankActor:
         if worker.address.startswith("tls://"):
             listen_ctx, connect_ctx = tls_contexts_from_security(worker.security)
         self.transport = TcpTransport(self.local_rank, self.replica_mesh.world_size,
-                                      ssl_listen=listen_ctx, ssl_connect=connect_ctx, timeout=self.comm_timeout)
+                                      ssl_listen=listen_ctx, ssl_connect=connect_ctx, timeout=self.comm_timeout,
+                                      spin=self.options.get("comm_spin", 0.0))
         host = worker.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
         return self.transport.listen(host)
 
