@@ -93,6 +93,18 @@ class ReplicaEngine:
         return work
 
     def _loop(self):
+        try:
+            self._run()
+        except Exception as error:   # noqa: BLE001 - a bug here must fail requests, not strand them
+            with self._cond:
+                self.alive = False
+                requests = list(self._running.values()) + list(self._waiting)
+                self._running.clear()
+                self._waiting.clear()
+            for req in requests:
+                req.fail(RuntimeError(f"replica {self.index}'s scheduler stopped: {type(error).__name__}: {error}"))
+
+    def _run(self):
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not self._running:
