@@ -51,3 +51,13 @@ def test_uneven_tp3_and_a_combined_mesh_match_one_rank(client, tmp_path):
         assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=8, ignore_eos=True)] == expected
     with LLM(moe, tp=2, sp=2, ep=4, client=client) as llm:
         assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=8, ignore_eos=True)] == expected
+
+
+def test_seeded_sampling_on_tp2_and_sp2_equals_one_rank(client):
+    prompts = [[3, 4, 5, 6], list(range(20, 57))]
+    kwargs = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=123, ignore_eos=True)
+    with LLM(golden_dir("qwen2"), client=client) as single:
+        expected = [o.token_ids for o in single.generate(prompts, **kwargs)]
+    for axes in (dict(tp=2), dict(sp=2), dict(tp=2, sp=2)):
+        with LLM(golden_dir("qwen2"), client=client, **axes) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, **kwargs)] == expected, axes
