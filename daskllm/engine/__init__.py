@@ -1,0 +1,1 @@
+"""The client side: requests, continuous batching, the replica router."""

@@ -1,0 +1,1 @@
+"""Checkpoints (safetensors, read lazily by slice), tokenizers, the built-in model."""

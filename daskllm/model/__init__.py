@@ -1,0 +1,1 @@
+"""The transformer as plain array math over numpy or cupy, written once; no Dask here."""

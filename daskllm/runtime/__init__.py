@@ -1,0 +1,1 @@
+"""The Dask side: rank actors, placement on workers, start-up, time-outs, shutdown."""
