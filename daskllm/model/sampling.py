@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layers import array_module
+
 DEFAULT_CANDIDATES = 256     # per rank, for top-p without top-k
 
 
@@ -78,6 +80,8 @@ def next_tokens(logits, vocab_start, params, counters, comm=None):
     one per row (counter: index of the token being generated). `comm` joins the ranks that
     hold the other vocabulary slices (None: this rank holds all). -> (B,) int64 global ids.
     """
+    if all(p.greedy for p in params):
+        return _greedy(logits, vocab_start, comm)
     logits = np.asarray(logits.get() if hasattr(logits, "get") else logits, np.float64)
     b, v = logits.shape
     ids = np.arange(vocab_start, vocab_start + v, dtype=np.int64)
@@ -113,6 +117,22 @@ def next_tokens(logits, vocab_start, params, counters, comm=None):
         v_row, id_row = v_row[:keep], id_row[:keep]
         out[row] = id_row[np.argmax(v_row + gumbel_noise(p.seed, counters[row], id_row))]
     return out
+
+
+def _greedy(logits, vocab_start, comm):
+    """argmax over all vocabulary slices, ties to the lowest id; only (value, id) per row moves."""
+    xp = array_module(logits)
+    local = logits.argmax(axis=1)                                                      # (B,)
+    best = logits[xp.arange(logits.shape[0]), local]
+    if hasattr(best, "get"):                                                           # cupy -> host: 2B numbers
+        best, local = best.get(), local.get()
+    mine = np.stack([np.asarray(best, np.float64), np.asarray(local + vocab_start, np.float64)], axis=1)  # (B, 2)
+    if comm is None or comm.size == 1:
+        return mine[:, 1].astype(np.int64)
+    every = np.stack(comm.all_gather_list(mine))                                      # (R, B, 2), rank order
+    # Highest value wins; on a tie the lower rank, which holds the lower ids, as argmax would.
+    winner = np.argmax(every[:, :, 0], axis=0)                                        # (B,)
+    return every[winner, np.arange(every.shape[1]), 1].astype(np.int64)
 
 
 def _nucleus(values, p, lse):
