@@ -7,6 +7,7 @@ each prompt against the vocabulary and the context, and the sampling settings.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,7 @@ class LLM:
         if not self.ship_weights:
             check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
         memory = {addr: mem for addr, _, mem in worker_table(self.client)}
-        weights_bytes = sum(self.checkpoint.nbytes(n) for n in self.checkpoint.entries) * 2  # float32 from bf16 at most
+        weights_bytes = 4 * sum(math.prod(self.checkpoint.shape(n)) for n in self.checkpoint.entries)  # float32 in memory
         per_token = kv_bytes_per_token(self.config, self.mesh)
         budgets = [budget_tokens(min(memory[w] for w in ws), weights_bytes // self.mesh.replica_size,
                                  per_token, self.mesh) for ws in placement]

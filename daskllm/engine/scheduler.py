@@ -71,21 +71,25 @@ class ReplicaEngine:
             self._running[req.id] = req
             self._fed[req.id] = 0
 
+    def _decoding(self, req) -> bool:
+        """All of its context is cached except the last generated token, which it feeds next."""
+        return bool(req.generated) and self._fed[req.id] == len(req.prompt) + len(req.generated) - 1
+
     def _plan_step(self) -> list:
         """Work for this step: decodes first (one token each), then prefill chunks up to the token cap."""
         work, tokens = [], 0
         for req in self._running.values():
-            fed, context = self._fed[req.id], req.context
-            if fed == len(context) - 1 and req.generated:        # decoding: feed the last token
-                work.append(Work(req.id, (context[-1],), fed, True, req.params, len(req.generated)))
+            if self._decoding(req):
+                work.append(Work(req.id, (req.generated[-1],), self._fed[req.id], True, req.params,
+                                 len(req.generated)))
                 tokens += 1
         for req in self._running.values():
-            fed, context = self._fed[req.id], req.context
-            if fed == len(context) - 1 and req.generated:
+            if self._decoding(req):
                 continue
             room = self.max_batch_tokens - tokens
             if room <= 0:
                 break
+            fed, context = self._fed[req.id], req.context
             chunk = context[fed:fed + room]
             last = fed + len(chunk) == len(context)
             work.append(Work(req.id, tuple(chunk), fed, last, req.params, len(req.generated)))

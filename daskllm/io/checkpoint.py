@@ -135,17 +135,14 @@ class Checkpoint:
         return int(np.prod(shape)) * {"F32": 4, "F16": 2, "BF16": 2}[dtype]
 
     def read(self, name: str, index=None, dtype=np.float32) -> np.ndarray:
-        """Tensor `name` (or `index`, a tuple of slices, of it) as `dtype`, reading only that part."""
+        """Tensor `name` (or `index`, a tuple of slices, of it) as `dtype`, reading only that part.
+
+        dtype None keeps the dtype stored on disk (to ship slices to workers without the files).
+        """
         file, hf_name, shape, _ = self.entries[name]
         tensor = self._handle(file).get_slice(hf_name)
         data = tensor[index] if index is not None else tensor[tuple(slice(None) for _ in shape)]
         return np.ascontiguousarray(data, dtype=dtype)
-
-    def read_bytes(self, name: str, index=None) -> np.ndarray:
-        """Like read, in the dtype stored on disk (to ship to a worker without a copy of the files)."""
-        file, hf_name, shape, _ = self.entries[name]
-        tensor = self._handle(file).get_slice(hf_name)
-        return np.ascontiguousarray(tensor[index] if index is not None else tensor[tuple(slice(None) for _ in shape)])
 
     def close(self):
         self._handles.clear()

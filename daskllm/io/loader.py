@@ -66,18 +66,16 @@ def as_matmul_layout(weights: dict):
             weights[name] = array_module(w).asfortranarray(w)
 
 
-def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32, progress=None) -> dict:
+def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32) -> dict:
     """{our name: array} for each name in `slices` (value: a tuple of slices, or None for all).
 
     Each tensor is read from disk, sliced by safetensors, converted to `dtype` and moved
     to `xp` (numpy or cupy) one at a time, so peak host memory stays near one tensor.
     """
     out = {}
-    for i, (name, index) in enumerate(slices.items()):
+    for name, index in slices.items():
         array = checkpoint.read(name, index, dtype)
         out[name] = array if xp is np else xp.asarray(array)
-        if progress is not None:
-            progress(i + 1, len(slices))
     return out
 
 
@@ -102,4 +100,4 @@ class ShippedShards:
 
 def read_rank_shards(checkpoint, slices: dict) -> dict:
     """{name: the rank's slice, in the dtype stored on disk} for shipping to a rank."""
-    return {name: checkpoint.read_bytes(name, index) for name, index in slices.items()}
+    return {name: checkpoint.read(name, index, dtype=None) for name, index in slices.items()}

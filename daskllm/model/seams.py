@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .layers import array_module, blockwise_attention
+from .moe import combine_local
 
 
 def identity(x):
@@ -37,16 +38,6 @@ def local_attend(layer, q, k, v, batch, cache, scale, window):
     return out
 
 
-def local_experts(x, expert_ids, expert_weights, experts, run_expert):
-    """Run each token through its chosen experts, all held here, and sum weighted outputs.
-
-    x (N, D), expert_ids and expert_weights (N, A) -> (N, D).  `experts` maps expert id to
-    its weights; `run_expert(weights, x)` runs one expert on a group of tokens.
-    """
-    from .moe import combine_local
-    return combine_local(x, expert_ids, expert_weights, experts, run_expert)
-
-
 def local_last_hidden(hidden, batch, rows):
     """The hidden state of the last new token of the sequences at `rows`.  -> (len(rows), D)"""
     return hidden[[batch.offsets[r + 1] - 1 for r in rows]]
@@ -71,7 +62,7 @@ class Seams:
     mlp_out: Callable = identity           # output of the down projection -> summed over tp ranks
     heads_sum: Callable = lambda partial, projection: partial   # (N, 1) sums over this rank's q or k heads -> all heads
     attend: Callable = local_attend        # (layer, q, k, v, batch, cache, scale, window) -> (N, H, hd)
-    experts: Callable = local_experts      # (x, ids, weights, experts, run_expert) -> (N, D)
+    experts: Callable = combine_local      # (x, ids, weights, experts, run_expert) -> (N, D)
     last_hidden: Callable = local_last_hidden  # (hidden, batch, rows) -> last token of those sequences
     all_hidden: Callable = local_all_hidden    # (hidden, batch) -> every token, batch order
 

@@ -11,12 +11,12 @@ from .plan import rank_slices
 
 
 def build_runner(checkpoint, plan, coords=None, seams=LOCAL, tp_comm=None, vocab_start=0,
-                 xp=np, dtype=np.float32, cache_budget_bytes=None, progress=None, moe_stats=None):
+                 xp=np, dtype=np.float32, cache_budget_bytes=None, moe_stats=None):
     """Read this rank's slices (and nothing else) and wrap them in a runner."""
     cfg = checkpoint.config
     shapes = {name: checkpoint.shape(name) for name in plan}
     slices = rank_slices(plan, shapes, coords or {})
-    flat = read_weights(checkpoint, slices, xp=xp, dtype=dtype, progress=progress)
+    flat = read_weights(checkpoint, slices, xp=xp, dtype=dtype)
     weights = structure(flat, cfg.n_layers, cfg.tie_embeddings, vocab_start)
     model = Transformer(cfg, weights, seams, moe_stats=moe_stats)
     return ModelRunner(model, tp_comm=tp_comm, cache_budget_bytes=cache_budget_bytes)

@@ -68,7 +68,7 @@ class RankActor:
         self.comms = axis_communicators(self.transport, self.replica_mesh, self.local_rank, self.comm_timeout)
         return True
 
-    def load(self, path: str, shipped=None, cache_budget_bytes=None) -> dict:
+    def load(self, path: str, shipped=None) -> dict:
         """Read this rank's slices of the checkpoint (or take `shipped` ones) and build its runner.
 
         shipped: (config, full shapes, {name: slice}) read by the client, for workers that
@@ -84,7 +84,7 @@ class RankActor:
             self.moe_stats = ExpertLoad(cfg.n_layers, cfg.moe.n_experts)
         self.runner = build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
                                    setup.vocab_start, xp=array_module_for(self.options.get("device", "cpu")),
-                                   cache_budget_bytes=cache_budget_bytes, moe_stats=self.moe_stats)
+                                   moe_stats=self.moe_stats)
         checkpoint.close()
         return {"seconds": time.perf_counter() - start, "pid": os.getpid(),
                 "blas_threads": self.blas_threads, **self.runner.memory()}

@@ -27,7 +27,7 @@ class Replica:
     """Ranks [first_rank, first_rank + tp*sp) of `mesh`, on `workers` (one per rank)."""
 
     def __init__(self, client, index: int, workers: list, mesh: Mesh, path: str, options: dict,
-                 cache_budget_bytes=None, on_rank_loaded=None, ship_from=None):
+                 on_rank_loaded=None, ship_from=None):
         self.client, self.index, self.workers, self.mesh = client, index, list(workers), mesh
         self.first_rank = index * mesh.replica_size
         self.alive = True
@@ -45,15 +45,15 @@ class Replica:
                 self._call("connect", addresses, settings.get("connect-timeout"),
                            timeout=settings.get("connect-timeout") + 5)
             if ship_from is None:
-                self.load_info = self._call("load", path, None, cache_budget_bytes,
+                self.load_info = self._call("load", path, None,
                                             timeout=settings.get("load-timeout"), each=on_rank_loaded)
             else:
-                self.load_info = self._ship_and_load(ship_from, cache_budget_bytes, on_rank_loaded)
+                self.load_info = self._ship_and_load(ship_from, on_rank_loaded)
         except BaseException:
             self.close()
             raise
 
-    def _ship_and_load(self, checkpoint, cache_budget_bytes, on_rank_loaded) -> list:
+    def _ship_and_load(self, checkpoint, on_rank_loaded) -> list:
         """Read each rank's slices here and send them with its load call, one rank at a time
         (so the client holds at most one rank's shard)."""
         from ..io.loader import read_rank_shards
@@ -67,7 +67,7 @@ class Replica:
         for r, actor in enumerate(self._actors):
             shards = read_rank_shards(checkpoint, rank_slices(plan, shapes, replica_mesh.coords(r)))
             try:
-                infos.append(actor.load(None, (cfg, shapes, shards), cache_budget_bytes).result(
+                infos.append(actor.load(None, (cfg, shapes, shards)).result(
                     timeout=settings.get("load-timeout")))
             except Exception as e:   # noqa: BLE001 - name the rank
                 self.alive = False
