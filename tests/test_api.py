@@ -129,3 +129,31 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_refused(client):
             # many requests that fit one at a time wait for room instead of failing
             outs = small.generate([[1] * 20] * 4, max_new_tokens=10, ignore_eos=True)
             assert all(len(o.token_ids) == 10 for o in outs)
+
+
+def test_a_bad_device_is_refused_before_any_cluster_starts():
+    with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda' \(CuPy on GPU workers\), got 'tpu'"):
+        LLM(golden_dir("llama"), device="tpu")
+
+
+def test_cuda_without_cupy_says_how_to_install_it():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here; the message is for machines without it")
+    except ImportError:
+        pass
+    from daskllm.parallel.build import array_module_for
+    with pytest.raises(RuntimeError, match=r"device='cuda' needs CuPy on the workers: pip install 'daskllm\[gpu\]'"):
+        array_module_for("cuda")
+
+
+def test_without_a_tokenizer_token_ids_work_and_text_is_refused(client, tmp_path):
+    d = tmp_path / "no_tokenizer"
+    shutil.copytree(golden_dir("llama"), d)
+    (d / "tokenizer.json").unlink()
+    with LLM(d, client=client) as llm:
+        assert len(llm.generate([[1, 2, 3]], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+        with pytest.raises(RequestError, match="text prompts need a tokenizer.json in the checkpoint; pass token ids"):
+            llm.generate("hello")
+        with pytest.raises(ValueError, match="stop strings need a tokenizer.json"):
+            llm.generate([[1, 2]], stop=["x"])
