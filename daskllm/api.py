@@ -67,7 +67,8 @@ class LLM:
         self.mesh = Mesh(dp, tp, sp, ep)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
-        self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin")}
+        self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin"),
+                        "rank_tuning": settings.get("rank-tuning")}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = Tokenizer.from_dir(self.path)

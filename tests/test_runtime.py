@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import time
 
 import dask
@@ -48,8 +49,12 @@ def _start_long_request(llm):
     return request
 
 
-def test_a_worker_killed_during_a_collective_names_the_rank(cluster2):
-    with dask.config.set(FAST_TIMEOUTS):
+CONTROL_PATHS = pytest.mark.parametrize("control", ["direct", "actor"])
+
+
+@CONTROL_PATHS
+def test_a_worker_killed_during_a_collective_names_the_rank(cluster2, control):
+    with dask.config.set({**FAST_TIMEOUTS, "daskllm.control": control}):
         with LLM(golden_dir("llama"), tp=2, client=cluster2) as llm:
             request = _start_long_request(llm)
             victim = llm.replicas[0].workers[1]
@@ -63,8 +68,9 @@ def test_a_worker_killed_during_a_collective_names_the_rank(cluster2):
             assert len(again.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
 
 
-def test_a_frozen_worker_gives_a_timeout_not_a_hang(cluster2):
-    with dask.config.set(FAST_TIMEOUTS):
+@CONTROL_PATHS
+def test_a_frozen_worker_gives_a_timeout_not_a_hang(cluster2, control):
+    with dask.config.set({**FAST_TIMEOUTS, "daskllm.control": control}):
         llm = LLM(golden_dir("llama"), tp=2, client=cluster2)
         request = _start_long_request(llm)
         frozen = llm.replicas[0].workers[1]
@@ -99,6 +105,61 @@ def test_tls_cluster_end_to_end():
         with LLM(golden_dir("qwen2"), tp=2, client=client) as llm:
             assert llm.generate([[3, 4, 5, 6]], max_new_tokens=6, ignore_eos=True)[0].token_ids == expected
             assert llm.comm_stats()[0]["tp"]["all_reduce"]["calls"] > 0     # the ranks really talked (over TLS)
+            assert all(isinstance(link._sock, ssl.SSLSocket) for link in llm.replicas[0]._links)  # steps too
+
+
+def test_a_frozen_single_rank_times_out_naming_it(cluster2):
+    """No peer notices a frozen tp=1 rank: only the control connection's timeout ends the step."""
+    with dask.config.set({**FAST_TIMEOUTS, "daskllm.step-timeout": 3}):
+        llm = LLM(golden_dir("llama"), client=cluster2)
+        request = _start_long_request(llm)
+        worker = llm.replicas[0].workers[0]
+        pid = _pid(cluster2, worker)
+        start = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NoReplicaError, match=r"rank 0 \(replica 0\) on worker .* did not answer within 3 s in step"):
+                request.wait(timeout=30)
+            assert time.monotonic() - start < 3 + 4
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        llm.close()
+
+
+def test_a_failure_inside_a_rank_names_the_rank_and_the_error(cluster2):
+    from daskllm.model.runner import Work
+    from daskllm.runtime.replica import ReplicaError
+    with LLM(golden_dir("llama"), client=cluster2) as llm:
+        vocab = llm.config.vocab_size
+        with pytest.raises(ReplicaError, match=r"rank 0 \(replica 0\) on worker .* failed in step: IndexError"):
+            llm.replicas[0].step([Work(12345, (vocab * 4,), 0)])   # a token id beyond the embedding
+
+
+def test_an_unknown_control_setting_is_refused(cluster2):
+    with dask.config.set({"daskllm.control": "carrier-pigeon"}):
+        with pytest.raises(ValueError, match="daskllm.control must be 'direct' or 'actor', got 'carrier-pigeon'"):
+            LLM(golden_dir("llama"), client=cluster2)
+
+
+def _in_force():
+    from daskllm.runtime.tuning import in_force
+    return in_force()
+
+
+def test_speed_settings_are_in_force_in_a_worker_the_user_started():
+    """A cluster started by the user (not by LLM): its nanny sets MALLOC_TRIM_THRESHOLD_ and one
+    BLAS thread; once a rank starts there, large temporaries come from the heap and BLAS has the
+    worker's threads."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster, direct_to_workers=True) as client:
+        (before,) = client.run(_in_force).values()
+        assert before == {"blas_threads": 1, "temporary_mmapped": True}      # what the nanny imposes
+        with LLM(golden_dir("llama"), client=client) as llm:
+            (after,) = client.run(_in_force).values()
+            assert after == {"blas_threads": 2, "temporary_mmapped": False}
+            assert llm.replicas[0].load_info[0]["tuning"]["malloc"] == "set"
+            assert llm.stats()[0]["tuning"]["blas_threads"] == 2
 
 
 def _record_opens_under(prefix):

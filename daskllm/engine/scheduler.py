@@ -9,6 +9,7 @@ elsewhere.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from ..model.runner import Work
@@ -30,6 +31,9 @@ class ReplicaEngine:
         self._running = {}                   # request id -> Request
         self._fed = {}                       # request id -> tokens of its context already in the cache
         self._release = []
+        # (seconds of a loop turn, the slowest rank's compute in it): the control path's cost
+        # is the difference (benchmarks/dask_tax.py)
+        self.step_log = deque(maxlen=4096)
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"daskllm-replica-{self.index}", daemon=True)
@@ -115,6 +119,7 @@ class ReplicaEngine:
                     self._cond.wait()
                 if self._stop:
                     return
+                turn_start = time.perf_counter()
                 self._admit()
                 work = self._plan_step()
                 release, self._release = self._release, []
@@ -134,6 +139,7 @@ class ReplicaEngine:
                     del self._running[seq], self._fed[seq]
                     self._release.append(seq)
                     self.served += 1
+            self.step_log.append((time.perf_counter() - turn_start, self.replica.last_compute))
 
     def _lost(self, error):
         with self._cond:

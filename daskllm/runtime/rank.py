@@ -2,19 +2,24 @@
 
 The actor is the control plane only. It opens direct TCP connections to the other ranks
 of its replica at start-up, and the per-layer collectives of a step go over those, never
-through Dask. The model math is delegated to a ModelRunner (daskllm.model.runner).
+through Dask. Steps arrive over a control connection from the driver (comm.control), one
+msgpack message per step, or as actor calls when that is turned off. The model math is
+delegated to a ModelRunner (daskllm.model.runner).
 """
 from __future__ import annotations
 
 import os
 import time
 
+from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.checkpoint import Checkpoint
 from ..io.loader import ShippedShards
 from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
+from . import tuning
+from .wire import work_from_wire
 
 
 def _worker():
@@ -22,12 +27,8 @@ def _worker():
     return get_worker()
 
 
-def _set_blas_threads():
-    """The nanny starts workers with one BLAS thread; give the rank its worker's threads."""
-    from threadpoolctl import threadpool_limits
-    threads = _worker().state.nthreads
-    threadpool_limits(threads)
-    return threads
+def _worker_host(worker) -> str:
+    return worker.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
 
 
 class RankActor:
@@ -43,8 +44,13 @@ class RankActor:
         self.replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
         self.options = options
         self.comm_timeout = comm_timeout
-        self.blas_threads = _set_blas_threads()
+        threads = _worker().state.nthreads
+        self.tuning = tuning.apply(threads) if options.get("rank_tuning", True) else \
+            {"pid": os.getpid(), "blas_threads": tuning.set_blas_threads(threads), "malloc": "untouched"}
         self.transport = None
+        self.control = None
+        self.compute_seconds = 0.0        # in runner steps, since the last reset_stats
+        self.steps = 0
         self.comms = {}
         self.runner = None
         self.moe_stats = None
@@ -58,8 +64,36 @@ class RankActor:
         self.transport = TcpTransport(self.local_rank, self.replica_mesh.world_size,
                                       ssl_listen=listen_ctx, ssl_connect=connect_ctx, timeout=self.comm_timeout,
                                       spin=self.options.get("comm_spin", 0.0))
-        host = worker.address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-        return self.transport.listen(host)
+        return self.transport.listen(_worker_host(worker))
+
+    def open_control(self, accept_timeout: float) -> tuple:
+        """Listen for the driver's control connection (TLS if the worker's links are); its address."""
+        worker = _worker()
+        ctx = tls_contexts_from_security(worker.security)[0] if worker.address.startswith("tls://") else None
+        self.control = ControlServer(self._on_control, _worker_host(worker), ctx, accept_timeout)
+        return self.control.address
+
+    def _on_control(self, message: list) -> list:
+        """One control message: ["step", work, release] -> ["ok", {seq: token}, compute seconds];
+        any exception -> ["error", its type, its message] (the driver names the rank)."""
+        try:
+            method, *args = message
+            if method != "step":
+                raise ValueError(f"unknown control message {method!r}")
+            work, release = args
+            chosen, seconds = self._step([work_from_wire(w) for w in work], release)
+            return ["ok", chosen, seconds]
+        except Exception as e:   # noqa: BLE001 - reported to the driver, which fails the step
+            return ["error", type(e).__name__, str(e)]
+
+    def _step(self, work: list, release: list) -> tuple:
+        start = time.perf_counter()
+        self.runner.release(release)
+        chosen = self.runner.step(work)
+        seconds = time.perf_counter() - start
+        self.compute_seconds += seconds
+        self.steps += 1
+        return chosen, seconds
 
     def connect(self, addresses: dict, timeout: float) -> bool:
         """Connect to every other rank of the replica ({local rank: (host, port)})."""
@@ -87,12 +121,12 @@ class RankActor:
                                    moe_stats=self.moe_stats)
         checkpoint.close()
         return {"seconds": time.perf_counter() - start, "pid": os.getpid(),
-                "blas_threads": self.blas_threads, **self.runner.memory()}
+                "blas_threads": self.tuning["blas_threads"], "tuning": self.tuning, **self.runner.memory()}
 
-    def step(self, work: list, release: list) -> dict:
-        """Free finished sequences, then one forward step: {seq: next token} for those that sample."""
-        self.runner.release(release)
-        return self.runner.step(work)
+    def step(self, work: list, release: list) -> tuple:
+        """Free finished sequences, then one forward step: ({seq: next token} for those that
+        sample, compute seconds). The actor-call path; see open_control for the direct one."""
+        return self._step(work, release)
 
     def logits(self, sequences: list) -> list:
         """Full float32 logits of each token list (a check path; only local rank 0's are used)."""
@@ -106,12 +140,14 @@ class RankActor:
     def stats(self) -> dict:
         """Bytes and seconds per collective, memory, and expert load (MoE), for the client."""
         comm = {axis: c.stats.as_dict() for axis, c in self.comms.items() if c.size > 1}
-        out = {"local_rank": self.local_rank, "comm": comm, "memory": self.runner.memory() if self.runner else {}}
+        out = {"local_rank": self.local_rank, "comm": comm, "memory": self.runner.memory() if self.runner else {},
+               "steps": self.steps, "compute_seconds": self.compute_seconds, "tuning": self.tuning}
         if self.moe_stats is not None:
             out["expert_load"] = self.moe_stats.as_dict()
         return out
 
     def reset_stats(self) -> bool:
+        self.compute_seconds, self.steps = 0.0, 0
         for c in self.comms.values():
             c.stats.reset()
         if self.moe_stats is not None:
@@ -120,6 +156,8 @@ class RankActor:
 
     def close(self) -> bool:
         """Drop the weights and caches and close the connections."""
+        if self.control is not None:
+            self.control.close()
         if self.transport is not None:
             self.transport.close()
         self.runner = None

@@ -1,18 +1,24 @@
 """Replica: the driver's handle on the tp x sp rank actors of one model replica.
 
 Start-up places one actor per worker, hands out listening addresses so the ranks connect
-to each other directly, and loads the shards. After that every driver call is one actor
-call per rank, all sent at once, each awaited with a timeout; a failure names the rank
-and its worker.
+to each other directly, loads the shards, and opens one control connection from the
+driver to each rank. A step is then one msgpack message per rank over those connections
+(a socket round trip, not a Dask actor call); everything else (stats, logits, close) is
+one actor call per rank. Calls are sent to all ranks at once and awaited with a timeout;
+a failure names the rank and its worker. Calls that touch the ranks' models are made one
+at a time, so every rank sees them in the same order.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from ..comm.base import CommError
+from ..comm.control import ControlLink
 from ..parallel.mesh import Mesh
 from . import settings
 from .rank import RankActor
+from .wire import work_to_wire
 
 
 class ReplicaError(RuntimeError):
@@ -32,6 +38,9 @@ class Replica:
         self.first_rank = index * mesh.replica_size
         self.alive = True
         self._actors = []
+        self._links = []                 # control connections, rank order (empty: steps are actor calls)
+        self._model_lock = threading.Lock()
+        self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
         mesh_tuple = (mesh.dp, mesh.tp, mesh.sp, mesh.ep)
         try:
             futures = [client.submit(RankActor, r, mesh_tuple, options, settings.get("comm-timeout"),
@@ -49,6 +58,10 @@ class Replica:
                                             timeout=settings.get("load-timeout"), each=on_rank_loaded)
             else:
                 self.load_info = self._ship_and_load(ship_from, on_rank_loaded)
+            if settings.get("control") == "direct":
+                self._links = self._open_control()
+            elif settings.get("control") != "actor":
+                raise ValueError(f"daskllm.control must be 'direct' or 'actor', got {settings.get('control')!r}")
         except BaseException:
             self.close()
             raise
@@ -76,6 +89,28 @@ class Replica:
             if on_rank_loaded is not None:
                 on_rank_loaded(infos[-1])
         return infos
+
+    def _open_control(self) -> list:
+        """Each rank listens, the driver dials: one control connection per rank (TLS on TLS clusters)."""
+        timeout = settings.get("connect-timeout")
+        addresses = self._call("open_control", timeout, timeout=timeout)
+        ctx = None
+        if any(w.startswith("tls://") for w in self.workers):
+            ctx = self.client.security.get_connection_args("client").get("ssl_context")
+        links = []
+        try:
+            for r, address in enumerate(addresses):
+                try:
+                    links.append(ControlLink(address, timeout, ctx))
+                except OSError as e:
+                    raise ReplicaError(f"{self._describe(r)}: the driver could not open its control connection "
+                                       f"to {tuple(address)}: {e!r}", self.index, self.first_rank + r,
+                                       self.workers[r]) from e
+        except BaseException:
+            for link in links:
+                link.close()
+            raise
+        return links
 
     def _describe(self, r: int) -> str:
         return f"rank {self.first_rank + r} (replica {self.index}) on worker {self.workers[r]}"
@@ -110,15 +145,64 @@ class Replica:
             raise first_error
         return results
 
+    def _control_call(self, message: list, method: str) -> list:
+        """`message` to every rank over its control connection; their answers in rank order."""
+        if not self.alive:
+            raise ReplicaError(f"replica {self.index} was lost earlier", self.index)
+        timeout = settings.get("step-timeout")
+        deadline = time.monotonic() + timeout
+        results, first_error = [None] * len(self._links), None
+
+        def fail(r, what):
+            nonlocal first_error
+            first_error = first_error or ReplicaError(f"{self._describe(r)} {what}", self.index,
+                                                      self.first_rank + r, self.workers[r])
+        for r, link in enumerate(self._links):
+            try:
+                link.send(message)
+            except OSError as e:
+                fail(r, f"could not be sent {method} (its process is gone?): {e!r}")
+        for r, link in enumerate(self._links):
+            if first_error is not None and first_error.rank == self.first_rank + r:
+                continue
+            try:
+                reply = link.recv(deadline - time.monotonic())
+            except TimeoutError:
+                fail(r, f"did not answer within {timeout:.0f} s in {method} (frozen or overloaded worker?)")
+                deadline = time.monotonic()      # no point waiting the full timeout again per rank
+                continue
+            except (OSError, EOFError) as e:
+                fail(r, f"failed in {method}: its control connection closed (worker process gone?): {e!r}")
+                deadline = time.monotonic()
+                continue
+            if reply[0] == "ok":
+                results[r] = reply[1:]
+            else:
+                fail(r, f"failed in {method}: {reply[1]}: {reply[2]}")
+        if first_error is not None:
+            self.alive = False
+            for link in self._links:             # a stream may be mid-message: never reuse it
+                link.close()
+            raise first_error
+        return results
+
     def step(self, work: list, release=()) -> dict:
         """Free the caches of `release`, then run one step; {seq: next token}."""
-        return self._call("step", work, list(release))[0]
+        with self._model_lock:
+            if self._links:
+                answers = self._control_call(["step", [work_to_wire(w) for w in work], list(release)], "step")
+            else:
+                answers = self._call("step", work, list(release))
+        self.last_compute = max(seconds for _, seconds in answers)
+        return answers[0][0]
 
     def logits(self, sequences: list) -> list:
-        return self._call("logits", sequences)[0]
+        with self._model_lock:
+            return self._call("logits", sequences)[0]
 
     def release(self, seq_ids: list):
-        self._call("release", list(seq_ids))
+        with self._model_lock:
+            self._call("release", list(seq_ids))
 
     def stats(self) -> list:
         return self._call("stats", timeout=settings.get("connect-timeout"))
@@ -134,6 +218,9 @@ class Replica:
             except Exception:   # noqa: BLE001 - closing a broken replica must not raise
                 pass
         self.alive = False
+        for link in self._links:
+            link.close()
+        self._links = []
         for f in getattr(self, "_futures", []):
             f.release()
         self._actors = []

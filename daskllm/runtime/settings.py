@@ -12,6 +12,8 @@ DEFAULTS = {
         "load-timeout": 600.0,      # s: a rank reading its slices of the checkpoint
         "step-timeout": 120.0,      # s: one driver call (a prefill or decode step) on every rank
         "comm-timeout": 60.0,       # s: one collective waiting for a peer inside a step
+        "control": "direct",        # steps over a control connection per rank ("actor": as Dask actor calls)
+        "rank-tuning": True,        # ranks undo the nanny's malloc setting (runtime/tuning.py); off: to measure it
         "comm-spin": 0.0,           # s: a rank waiting for a peer polls without sleeping this long first
         "kv-cache-fraction": 0.5,   # of a worker's memory limit, after weights, for the KV cache
         "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)

@@ -1,0 +1,177 @@
+"""The Dask tax: a rank inside a Dask worker against the same runner in this process.
+
+Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~4 minutes)
+     python benchmarks/dask_tax.py --layers 2  (a quick run)
+
+Rows, each on its own fresh LocalCluster, one after the other:
+- in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
+- LLM at one rank (1 worker x 2 threads) as daskllm runs it now (rank tuning, control
+  connection), and with those turned off (the nanny's malloc setting, actor calls);
+- tp=2 (2 workers x 1 thread), control connection and actor calls.
+Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(1 token)) / K.
+Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
+Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
+over the decode steps (all the driver, Dask and socket time a step costs beyond the model).
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_llama  # noqa: E402
+
+
+class InProcess:
+    name = "in-process runner (2 threads)"
+
+    def __init__(self, path, **_):
+        from threadpoolctl import threadpool_limits
+
+        from daskllm.io.checkpoint import Checkpoint
+        from daskllm.parallel.local_mesh import InProcessReplica
+        from daskllm.parallel.mesh import Mesh
+        self._limits = threadpool_limits(2)
+        self.replica = InProcessReplica(Checkpoint(path), Mesh(), timeout=600)
+        runner = self.replica.runners[0]
+        step = runner.step
+
+        def timed(work):                     # compute of each step, as a rank reports it
+            t0 = time.perf_counter()
+            try:
+                return step(work)
+            finally:
+                self.computes.append(time.perf_counter() - t0)
+        runner.step = timed
+        self.computes = []
+
+    def generate(self, prompt, n):
+        self.computes.clear()
+        return self.replica.generate([prompt], n)[0]
+
+    def control(self):
+        return None
+
+    def close(self):
+        self.replica.close()
+        self._limits.restore_original_limits()
+
+
+class Cluster:
+    def __init__(self, path, tp, threads, control, tuning, name):
+        import dask
+        from distributed import Client, LocalCluster
+
+        from daskllm import LLM
+        self.name = name
+        self.cluster = LocalCluster(n_workers=tp, threads_per_worker=threads, processes=True,
+                                    dashboard_address=None, host="127.0.0.1")
+        self.client = Client(self.cluster, direct_to_workers=True)
+        with dask.config.set({"daskllm.control": control, "daskllm.rank-tuning": tuning}):
+            self.llm = LLM(str(path), tp=tp, client=self.client)
+        self.engine = self.llm.router.engines[0]
+        self.computes = []
+
+    def generate(self, prompt, n):
+        self.engine.step_log.clear()
+        out = self.llm.generate([prompt], max_new_tokens=n, ignore_eos=True)[0].token_ids
+        log = list(self.engine.step_log)
+        self.computes = [c for _, c in log]
+        self.turns = [t for t, _ in log]
+        return out
+
+    def control(self):
+        """Median over this run's decode steps of (loop turn - slowest rank's compute)."""
+        return float(np.median([t - c for t, c in zip(self.turns[1:], self.computes[1:])]))
+
+    def close(self):
+        self.llm.close()
+        self.client.close()
+        self.cluster.close()
+
+
+def measure(runner, short, longs, steps) -> dict:
+    """Medians over the long prompts of the prefill, decode step, rank compute and control path."""
+    runner.generate(short, 2)                                          # warm up
+    runs = []
+    for long in longs:
+        t0 = time.perf_counter()
+        runner.generate(long, 1)
+        t_prefill = time.perf_counter() - t0
+        prefill_compute = runner.computes[0]
+        t0 = time.perf_counter()
+        runner.generate(short, 1)
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = runner.generate(short, 1 + steps)
+        t_many = time.perf_counter() - t0
+        runs.append({"prefill": t_prefill, "prefill_compute": prefill_compute,
+                     "step": (t_many - t_one) / steps,
+                     "compute": float(np.median(runner.computes[1:])),
+                     "control": runner.control()})
+    med = {k: (None if runs[0][k] is None else float(np.median([r[k] for r in runs]))) for k in runs[0]}
+    med["tokens"] = tokens
+    return med
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-off", action="store_true", help="leave out the rows with the fixes turned off")
+    args = parser.parse_args(argv)
+
+    configs = [(InProcess, {}),
+               (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, name="LLM 1 rank")),
+               (Cluster, dict(tp=1, threads=2, control="actor", tuning=False,
+                              name="LLM 1 rank, no tuning, actor calls")),
+               (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, name="LLM tp=2")),
+               (Cluster, dict(tp=2, threads=1, control="actor", tuning=True, name="LLM tp=2, actor calls"))]
+    if args.skip_off:
+        configs = [c for c in configs if c[1].get("control", "direct") == "direct"]
+    rng = np.random.default_rng(0)
+    short = rng.integers(3, args.vocab, 8).tolist()
+    longs = [rng.integers(3, args.vocab, args.prefill).tolist() for _ in range(args.repeats)]
+    with tempfile.TemporaryDirectory(prefix="daskllm-tax-") as tmp:
+        params = random_llama(tmp, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                              kv_heads=args.kv_heads, vocab=args.vocab, intermediate=args.intermediate,
+                              max_position=args.prefill + args.steps + 64)
+        print(f"random Llama: {params / 1e6:.0f}M parameters, {args.layers} layers, hidden {args.hidden}, "
+              f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}, float32")
+        rows = []
+        for cls, kw in configs:
+            runner = cls(tmp, **kw)
+            try:
+                rows.append((runner.name, measure(runner, short, longs, args.steps)))
+            finally:
+                runner.close()
+            print(f"  measured {runner.name}", flush=True)
+
+    base = rows[0][1]
+    for name, m in rows[1:]:
+        if m["tokens"] != base["tokens"]:
+            print(f"WARNING: {name} generated other tokens than the in-process runner: {m['tokens']} vs {base['tokens']}")
+    print(f"\n| {'path':<36} | prefill {args.prefill} | vs in-process | its compute | decode ms/token | "
+          "vs in-process | rank compute | control path/step |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: |")
+    for name, m in rows:
+        control = "" if m["control"] is None else f"{m['control'] * 1e3:.2f} ms"
+        print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill'] / base['prefill']:12.2f}x | "
+              f"{m['prefill_compute'] * 1e3:8.0f} ms | {m['step'] * 1e3:12.2f} | "
+              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} |")
+    print(f"(medians of {args.repeats}; decode over {args.steps} steps; rank compute: the slowest rank's "
+          "runner.step per decode step; control path: loop turn minus it, median per step)")
+
+
+if __name__ == "__main__":
+    main()
