@@ -44,3 +44,15 @@ def resident_memory() -> int:
     """Resident bytes of this process now."""
     import psutil
     return psutil.Process().memory_info().rss
+
+
+def step_split(llm, since=0) -> tuple:
+    """(slowest rank's compute, control path) per decode step, medians over replica 0's engine
+    turns after the first `since` + 1 (the first is the prefill): seconds each.
+
+    The control path is the engine's loop turn minus the slowest rank's compute in it: the
+    driver, the messages and Dask, all that a step costs beyond the model (benchmarks/dask_tax.py).
+    """
+    import numpy as np
+    log = list(llm.router.engines[0].step_log)[since + 1:]
+    return float(np.median([c for _, c in log])), float(np.median([t - c for t, c in log]))

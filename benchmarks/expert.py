@@ -100,17 +100,24 @@ def uniform_remote_ranks(experts, top_k, ep):
 
 
 def measure(llm, prompts, new_tokens, repeats):
-    """(prefill seconds, decode seconds per step, tokens) medians over repeats."""
-    prefill, decode = [], []
+    """(prefill seconds, decode seconds per step, tokens, rank compute and control path per
+    decode step) medians over repeats."""
+    from common import step_split
+    prefill, decode, compute, control = [], [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
         t1 = time.perf_counter()
+        llm.router.engines[0].step_log.clear()
         out = llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
         t2 = time.perf_counter()
         prefill.append(t1 - t0)
         decode.append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1))
-    return statistics.median(prefill), statistics.median(decode), [o.token_ids for o in out]
+        c, k = step_split(llm)
+        compute.append(c)
+        control.append(k)
+    return (statistics.median(prefill), statistics.median(decode), [o.token_ids for o in out],
+            statistics.median(compute), statistics.median(control))
 
 
 def serve(path, n_workers, threads, ep, prompts, args):
@@ -121,11 +128,12 @@ def serve(path, n_workers, threads, ep, prompts, args):
                       dashboard_address=None, host="127.0.0.1") as cluster, \
             Client(cluster, direct_to_workers=True) as client, LLM(path, ep=ep, client=client) as llm:
         llm.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)            # warm up
-        prefill, decode, tokens = measure(llm, prompts, args.new_tokens, args.repeats)
+        prefill, decode, tokens, compute, control = measure(llm, prompts, args.new_tokens, args.repeats)
         llm.reset_stats()
         llm.logits(prompts)                                                      # one counted forward
         comm, load = llm.comm_stats(), llm.expert_load()
-    return {"prefill": prefill, "decode": decode, "tokens": tokens, "comm": comm, "load": load}
+    return {"prefill": prefill, "decode": decode, "tokens": tokens, "comm": comm, "load": load,
+            "compute": compute, "control": control}
 
 
 def sent(comm, op):
@@ -172,6 +180,8 @@ def main(argv=None):
         ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}"),
         ("prefill s (batch)", f"{single['prefill']:.3f}", f"{split['prefill']:.3f}"),
         ("decode s / step", f"{single['decode'] * 1e3:.1f} ms", f"{split['decode'] * 1e3:.1f} ms"),
+        ("  slowest rank's compute / step", f"{single['compute'] * 1e3:.1f} ms", f"{split['compute'] * 1e3:.1f} ms"),
+        ("  control path / step", f"{single['control'] * 1e3:.2f} ms", f"{split['control'] * 1e3:.2f} ms"),
         ("greedy tokens equal", "-", str(single["tokens"] == split["tokens"])),
     ]
     print(f"random MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "

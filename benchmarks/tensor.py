@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import step_split  # noqa: E402
 from tp_checkpoints import write_checkpoint  # noqa: E402
 
 
@@ -54,6 +56,12 @@ class Dask:
     def comm(self):
         return _sum_stats(self.llm.comm_stats()[0])
 
+    def mark(self):
+        self.llm.router.engines[0].step_log.clear()
+
+    def split(self):
+        return step_split(self.llm)
+
     def close(self):
         self.client.close()
         self.cluster.close()
@@ -74,6 +82,12 @@ class InProcess:
     def comm(self):
         return _sum_stats({axis: c.stats.as_dict() for axis, c in self.replica.comms[0].items() if c.size > 1})
 
+    def mark(self):
+        pass
+
+    def split(self):
+        return float("nan"), float("nan")
+
     def close(self):
         self.replica.close()
 
@@ -92,16 +106,19 @@ def measure(runner, vocab, prefill, steps, rng, repeats=3) -> dict:
         runner.generate([short], 1)
         t_one = time.perf_counter() - t0
         sent1, secs1 = runner.comm()
+        runner.mark()
         t0 = time.perf_counter()
         runner.generate([short], 1 + steps)
         t_many = time.perf_counter() - t0
+        compute, control = runner.split()
         sent2, secs2 = runner.comm()
         # the decode steps alone: the longer run minus the one-token run (same prefill)
         decode_sent = (sent2 - sent1) - (sent1 - sent0)
         decode_secs = (secs2 - secs1) - (secs1 - secs0)
         t_decode = max(t_many - t_one, 1e-9)
         runs.append({"prefill": t_prefill, "step": t_decode / steps, "bytes_per_token": decode_sent / steps,
-                     "comm_share": max(decode_secs, 0.0) / t_decode})
+                     "comm_share": max(decode_secs, 0.0) / t_decode,
+                     "compute": compute, "control": control})
     return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
 
 
@@ -141,14 +158,17 @@ def main(argv=None):
     analytic = 2 * args.layers * args.hidden * 4
     base = rows[0][2]
     print(f"\n| {'configuration':<31} | {'prefill ' + str(args.prefill):>12} | {'ratio':>6} | {'decode step':>11} | "
-          f"{'ratio':>6} | {'bytes/token':>11} | {'analytic':>8} | {'comm share':>10} |")
-    print("| :-- | --: | --: | --: | --: | --: | --: | --: |")
+          f"{'ratio':>6} | {'bytes/token':>11} | {'analytic':>8} | {'comm share':>10} | {'rank step':>12} | "
+          f"{'control':>12} |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
     for name, tp, m in rows:
         print(f"| {name:<31} | {m['prefill'] * 1e3:>9.1f} ms | {m['prefill'] / base['prefill']:>5.2f}x | "
               f"{m['step'] * 1e3:>8.2f} ms | {m['step'] / base['step']:>5.2f}x | {m['bytes_per_token']:>11.0f} | "
-              f"{analytic if tp > 1 else 0:>8} | {m['comm_share']:>10.1%} |")
+              f"{analytic if tp > 1 else 0:>8} | {m['comm_share']:>10.1%} | {m['compute'] * 1e3:>9.2f} ms | "
+              f"{m['control'] * 1e3:>9.2f} ms |")
     print("(ratio: this configuration's time / 1 rank's, medians of 3; bytes/token: rank 0 sent, all "
-          "collectives; analytic: 2 all-reduces x layers x hidden x 4 B)")
+          "collectives; analytic: 2 all-reduces x layers x hidden x 4 B; rank step: the slowest rank's "
+          "runner.step per decode step, collectives included; control: the engine's turn minus it)")
 
 
 def _shapes(path):

@@ -139,7 +139,7 @@ class ReplicaEngine:
                     del self._running[seq], self._fed[seq]
                     self._release.append(seq)
                     self.served += 1
-            self.step_log.append((time.perf_counter() - turn_start, self.replica.last_compute))
+            self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
 
     def _lost(self, error):
         with self._cond:
