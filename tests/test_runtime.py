@@ -141,6 +141,20 @@ def test_an_unknown_control_setting_is_refused(cluster2):
             LLM(golden_dir("llama"), client=cluster2)
 
 
+def test_a_control_connection_the_driver_cannot_open_is_named(cluster2, monkeypatch):
+    from daskllm.runtime import replica
+    from daskllm.runtime.replica import ReplicaError
+
+    def unreachable(address, timeout, ssl_context=None):
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(replica, "ControlLink", unreachable)
+    with pytest.raises(ReplicaError, match=r"rank 0 \(replica 0\) on worker .*: the driver could not open its control "
+                                           r"connection .* set dask.config daskllm.control='actor'"):
+        LLM(golden_dir("llama"), client=cluster2)
+    with dask.config.set({"daskllm.control": "actor"}), LLM(golden_dir("llama"), client=cluster2) as llm:
+        assert len(llm.generate([[1, 2]], max_new_tokens=2, ignore_eos=True)[0].token_ids) == 2
+
+
 def _in_force():
     from daskllm.runtime.tuning import in_force
     return in_force()

@@ -104,8 +104,9 @@ class Replica:
                     links.append(ControlLink(address, timeout, ctx))
                 except OSError as e:
                     raise ReplicaError(f"{self._describe(r)}: the driver could not open its control connection "
-                                       f"to {tuple(address)}: {e!r}", self.index, self.first_rank + r,
-                                       self.workers[r]) from e
+                                       f"to {tuple(address)}: {e!r}; if this client cannot reach the workers "
+                                       "directly, set dask.config daskllm.control='actor'",
+                                       self.index, self.first_rank + r, self.workers[r]) from e
         except BaseException:
             for link in links:
                 link.close()
