@@ -155,7 +155,9 @@ def main(argv=None):
                 rows.append((runner.name, measure(runner, short, longs, args.steps)))
             finally:
                 runner.close()
-            print(f"  measured {runner.name}", flush=True)
+            m = rows[-1][1]
+            print(f"  measured {runner.name}: prefill {m['prefill'] * 1e3:.0f} ms, decode {m['step'] * 1e3:.2f} ms/token, "
+                  f"rank compute {m['compute'] * 1e3:.2f} ms", flush=True)
 
     base = rows[0][1]
     for name, m in rows[1:]:

@@ -42,6 +42,9 @@ class Replica:
         self._model_lock = threading.Lock()
         self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
         mesh_tuple = (mesh.dp, mesh.tp, mesh.sp, mesh.ep)
+        control = settings.get("control")
+        if control not in ("direct", "actor"):       # before any worker is touched
+            raise ValueError(f"daskllm.control must be 'direct' or 'actor', got {control!r}")
         try:
             futures = [client.submit(RankActor, r, mesh_tuple, options, settings.get("comm-timeout"),
                                      actor=True, workers=[w], allow_other_workers=False, pure=False,
@@ -58,10 +61,8 @@ class Replica:
                                             timeout=settings.get("load-timeout"), each=on_rank_loaded)
             else:
                 self.load_info = self._ship_and_load(ship_from, on_rank_loaded)
-            if settings.get("control") == "direct":
+            if control == "direct":
                 self._links = self._open_control()
-            elif settings.get("control") != "actor":
-                raise ValueError(f"daskllm.control must be 'direct' or 'actor', got {settings.get('control')!r}")
         except BaseException:
             self.close()
             raise
@@ -162,7 +163,7 @@ class Replica:
             try:
                 link.send(message)
             except OSError as e:
-                fail(r, f"could not be sent {method} (its process is gone?): {e!r}")
+                fail(r, f"could not be sent its {method} message (worker process gone?): {e!r}")
         for r, link in enumerate(self._links):
             if first_error is not None and first_error.rank == self.first_rank + r:
                 continue
