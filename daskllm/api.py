@@ -17,8 +17,7 @@ from .engine.router import Router
 from .engine.scheduler import ReplicaEngine
 from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
 from .io.builtin import builtin_model_path
-from .io.checkpoint import Checkpoint
-from .io.tokenizer import Tokenizer
+from .io.formats import open_checkpoint, open_tokenizer
 from .model.sampling import SamplingParams
 from .parallel import compose
 from .parallel.mesh import Mesh
@@ -62,7 +61,7 @@ class LLM:
                  sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
                  progress=None):
         self.path = os.path.abspath(str(model if model is not None else builtin_model_path()))
-        self.checkpoint = Checkpoint(self.path)
+        self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
         self.mesh = Mesh(dp, tp, sp, ep)
         if device not in ("cpu", "cuda"):
@@ -70,7 +69,7 @@ class LLM:
         self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin")}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
-        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.tokenizer = open_tokenizer(self.checkpoint)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids
         self._own_cluster = None
         self.client = self._connect(client, address, security, threads_per_worker)

@@ -1,4 +1,4 @@
-"""Tokenizer: tokenizer.json through the `tokenizers` library, with the model's bos/eos ids."""
+"""Tokenizer: tokenizer.json (or a GGUF file's vocabulary) through `tokenizers`, with bos/eos and the chat template."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,17 @@ def special_token_ids(path: Path, tokenizer: HFTokenizer | None = None) -> tuple
     return bos, eos
 
 
+def _chat_template(path: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or named templates: "default"), else chat_template.jinja."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default")
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    return template
+
+
 class Tokenizer:
     """Text <-> token ids for one checkpoint.
 
@@ -50,11 +61,16 @@ class Tokenizer:
     'Hello world'
     """
 
-    def __init__(self, tokenizer: HFTokenizer, bos_id=None, eos_ids=(), add_bos=False):
+    def __init__(self, tokenizer: HFTokenizer, bos_id=None, eos_ids=(), add_bos=False, chat_template=None):
         self._tok = tokenizer
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos      # prepend bos when tokenizer.json's post-processor does not
+        self.chat_template = chat_template    # jinja source (io.chat renders it), or None
+
+    def token_text(self, token_id) -> str | None:
+        """The text of a token id (e.g. the bos/eos strings a chat template uses)."""
+        return None if token_id is None else self._tok.id_to_token(int(token_id))
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer | None":
@@ -65,8 +81,20 @@ class Tokenizer:
             return None
         tok = HFTokenizer.from_file(str(file))
         bos, eos = special_token_ids(path, tok)
-        add_bos = bool(_read_json(path / "tokenizer_config.json").get("add_bos_token", False))
-        return cls(tok, bos, eos, add_bos)
+        config = _read_json(path / "tokenizer_config.json")
+        return cls(tok, bos, eos, bool(config.get("add_bos_token", False)), _chat_template(path, config))
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "Tokenizer | None":
+        """The tokenizer a GGUF file's metadata describes, or None if it has no vocabulary."""
+        from .gguf_tokenizer import tokenizer_from_gguf
+        tok = tokenizer_from_gguf(meta)
+        if tok is None:
+            return None
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(tok, meta.get("tokenizer.ggml.bos_token_id"), () if eos is None else (int(eos),),
+                   bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+                   meta.get("tokenizer.chat_template"))
 
     @property
     def vocab_size(self) -> int:
