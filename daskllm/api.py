@@ -226,8 +226,12 @@ class LLM:
     # -- inspection ----------------------------------------------------------------------
 
     def plan(self) -> str:
-        """How every tensor is spread over the mesh, one line per tensor."""
-        return format_plan(compose.full_plan(self.config, self.mesh))
+        """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank)."""
+        text = format_plan(compose.full_plan(self.config, self.mesh))
+        if self.mesh.tp > 1:
+            from .parallel.tensor import describe_heads
+            text = describe_heads(self.config, self.mesh.tp) + "\n" + text
+        return text
 
     def stats(self) -> list:
         """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""
