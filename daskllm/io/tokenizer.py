@@ -40,6 +40,11 @@ def special_token_ids(path: Path, tokenizer: HFTokenizer | None = None) -> tuple
     return bos, eos
 
 
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+GGUF_SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                    "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
 def _chat_template(path: Path, config: dict) -> str | None:
     """tokenizer_config.json's chat_template (a string, or named templates: "default"), else chat_template.jinja."""
     template = config.get("chat_template")
@@ -61,12 +66,14 @@ class Tokenizer:
     'Hello world'
     """
 
-    def __init__(self, tokenizer: HFTokenizer, bos_id=None, eos_ids=(), add_bos=False, chat_template=None):
+    def __init__(self, tokenizer: HFTokenizer, bos_id=None, eos_ids=(), add_bos=False, chat_template=None,
+                 special_tokens=None):
         self._tok = tokenizer
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos      # prepend bos when tokenizer.json's post-processor does not
         self.chat_template = chat_template    # jinja source (io.chat renders it), or None
+        self.special_tokens = dict(special_tokens or {})   # bos_token, eos_token, ... -> text, for templates
 
     def token_text(self, token_id) -> str | None:
         """The text of a token id (e.g. the bos/eos strings a chat template uses)."""
@@ -82,7 +89,9 @@ class Tokenizer:
         tok = HFTokenizer.from_file(str(file))
         bos, eos = special_token_ids(path, tok)
         config = _read_json(path / "tokenizer_config.json")
-        return cls(tok, bos, eos, bool(config.get("add_bos_token", False)), _chat_template(path, config))
+        special = {name: (v.get("content") if isinstance(v, dict) else v) for name in SPECIAL_NAMES
+                   if (v := config.get(name)) is not None}
+        return cls(tok, bos, eos, bool(config.get("add_bos_token", False)), _chat_template(path, config), special)
 
     @classmethod
     def from_gguf(cls, meta: dict) -> "Tokenizer | None":
@@ -92,17 +101,21 @@ class Tokenizer:
         if tok is None:
             return None
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        tokens = meta["tokenizer.ggml.tokens"]
+        special = {name: tokens[int(meta[key])] for name, key in GGUF_SPECIAL_IDS.items()
+                   if meta.get(key) is not None and 0 <= int(meta[key]) < len(tokens)}
         return cls(tok, meta.get("tokenizer.ggml.bos_token_id"), () if eos is None else (int(eos),),
                    bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
-                   meta.get("tokenizer.chat_template"))
+                   meta.get("tokenizer.chat_template"), special)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list:
-        ids = self._tok.encode(text, add_special_tokens=True).ids
-        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        """Token ids of `text`; add_special_tokens=False for text that writes its own (a rendered chat)."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
