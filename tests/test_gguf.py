@@ -154,3 +154,15 @@ def test_not_a_gguf_file(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not gguf at all")
     with pytest.raises(CheckpointError, match="is not a GGUF file"):
         open_checkpoint(bad)
+
+
+def test_raw_blocks_for_kernels_that_read_them(files):
+    """The rank's Q8_0 blocks as stored (unpermuted rows) decode to the same values read() gives."""
+    ckpt = GGUFCheckpoint(files["Q8_0"])
+    index = (slice(128, 256), slice(64, 512))
+    qtype, raw = ckpt.raw_blocks("layers.0.wk", index)
+    assert qtype == gguf.GGMLQuantizationType.Q8_0 and raw.shape == (128, (512 - 64) // 32 * 34)
+    assert np.array_equal(gguf.quants.dequantize(raw, qtype), ckpt.read("layers.0.wk", index))
+    assert ckpt.stored_dtype("layers.0.wk") == "float32" and GGUFCheckpoint(files["BF16"]).stored_dtype("embed") == "bfloat16"
+    with pytest.raises(ValueError, match="do not fall on Q8_0 block boundaries"):
+        ckpt.raw_blocks("layers.0.wk", (slice(None), slice(10, 64)))

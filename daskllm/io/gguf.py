@@ -198,6 +198,28 @@ class GGUFCheckpoint:
         """Bytes of the tensor on disk (quantized blocks)."""
         return self.entries[name].nbytes
 
+    def stored_dtype(self, name: str) -> str:
+        """The dtype `read(name, dtype=None)` gives: "float32", "float16" or "bfloat16" (quantized: "float32")."""
+        qtype = self.entries[name].qtype
+        return {T.F16: "float16", T.BF16: "bfloat16"}.get(qtype, "float32")
+
+    def raw_blocks(self, name: str, index=None) -> tuple:
+        """(GGML type, raw bytes (rows, blocks * block bytes)) of a 2-D slice whose columns fall on block
+        boundaries: the rank's quantized blocks as stored, for a kernel that reads them as they are
+        (e.g. Q8_0 blocks -> kernels.formats.from_interleaved). Q/K rows are unpermuted: a block never
+        spans rows, so whole rows move as they are."""
+        info = self.entries[name]
+        rows, cols = (index or (slice(None), slice(None)))
+        lo, hi, _ = cols.indices(info.shape[1])
+        size, _ = info.block
+        if lo % size or (hi % size and hi != info.shape[1]):
+            raise ValueError(f"{name}: columns {lo}:{hi} do not fall on {info.qtype.name} block boundaries "
+                             f"(blocks of {size})")
+        raw = self.file.blocks(info.name, rows, lo // size, -(-hi // size) - lo // size)
+        if self.arch in PERMUTED_QK and name.rsplit(".", 1)[-1] in ("wq", "wk"):
+            raw = self._unpermute(name, raw, rows.indices(info.shape[0])[0])
+        return info.qtype, raw
+
     def read(self, name: str, index=None, dtype=np.float32) -> np.ndarray:
         """Tensor `name` (or `index`, a tuple of slices, of it) as `dtype`, reading only whole blocks of it.
 
