@@ -166,3 +166,14 @@ def test_raw_blocks_for_kernels_that_read_them(files):
     assert ckpt.stored_dtype("layers.0.wk") == "float32" and GGUFCheckpoint(files["BF16"]).stored_dtype("embed") == "bfloat16"
     with pytest.raises(ValueError, match="do not fall on Q8_0 block boundaries"):
         ckpt.raw_blocks("layers.0.wk", (slice(None), slice(10, 64)))
+
+
+def test_sentencepiece_tokenizer_equals_transformers(tmp_path):
+    """A Llama-2-style vocabulary (scores, byte tokens, no merges stored) against transformers' GGUF tokenizer."""
+    path = gguf_models.write_gguf(tmp_path / "tiny-spm.gguf", "Q8_0", tokenizer="llama")
+    assert gguf_models.sha256(path) == INFO["spm"]["sha256"]
+    tok = open_tokenizer(open_checkpoint(path))
+    for text, want, decoded in zip(INFO["spm"]["texts"], INFO["spm"]["ids"], INFO["spm"]["decoded"]):
+        ids = tok.encode(text)
+        assert ids == want, text
+        assert tok.decode(ids) == decoded, text

@@ -6,13 +6,16 @@ Two kinds of vocabulary (tokenizer.ggml.model):
          we use llama.cpp's split for each name (llama-vocab.cpp), so digits are split one by
          one for SmolLM ("smollm"), as SmolLM2's own tokenizer.json does.
   llama  SentencePiece BPE (Llama 2, Mistral v0.1): "▁" for spaces, byte fallback <0xNN>,
-         merges derived from the token scores when the file stores none (as transformers does).
+         merges derived from the token scores when the file stores none; built as transformers'
+         LlamaTokenizer is (Metaspace with a "▁" before the first piece only, Strip on decode).
 Tokens typed CONTROL (3) are special added tokens (kept whole, dropped when decoding with
-skip_special_tokens); USER_DEFINED (4) ones are plain added tokens, matched whole.
+skip_special_tokens); USER_DEFINED (4) ones are plain added tokens, matched whole. With
+tokenizer.ggml.add_bos_token (default: true for llama vocabularies) a post-processor puts the bos
+token first, always, as transformers' does.
 """
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -53,7 +56,16 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer | None:
                             for t, k in zip(tokens, types) if k == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(tokens, types) if k == USER_DEFINED])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if add_bos(meta) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], int(bos))])
     return tok
+
+
+def add_bos(meta: dict) -> bool:
+    """Whether encoding starts with the bos token (llama.cpp adds it to SentencePiece vocabularies unless told not to)."""
+    return bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
 
 
 def _byte_level(tokens, merges, pre: str) -> Tokenizer:
@@ -81,10 +93,8 @@ def _sentencepiece(tokens, merges, scores, unk_id, add_space_prefix) -> Tokenize
         raise GGUFTokenizerError("a GGUF SentencePiece (llama) tokenizer needs merges or token scores; the file has neither")
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    steps = [normalizers.Replace(" ", "▁")]
-    if add_space_prefix:
-        steps.insert(0, normalizers.Prepend("▁"))
-    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="first" if add_space_prefix else "never",
+                                                 split=False)
     strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     return tok

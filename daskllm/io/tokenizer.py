@@ -96,7 +96,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict) -> "Tokenizer | None":
         """The tokenizer a GGUF file's metadata describes, or None if it has no vocabulary."""
-        from .gguf_tokenizer import tokenizer_from_gguf
+        from .gguf_tokenizer import tokenizer_from_gguf     # its post-processor adds bos when the file says so
         tok = tokenizer_from_gguf(meta)
         if tok is None:
             return None
@@ -104,8 +104,7 @@ class Tokenizer:
         tokens = meta["tokenizer.ggml.tokens"]
         special = {name: tokens[int(meta[key])] for name, key in GGUF_SPECIAL_IDS.items()
                    if meta.get(key) is not None and 0 <= int(meta[key]) < len(tokens)}
-        return cls(tok, meta.get("tokenizer.ggml.bos_token_id"), () if eos is None else (int(eos),),
-                   bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        return cls(tok, meta.get("tokenizer.ggml.bos_token_id"), () if eos is None else (int(eos),), False,
                    meta.get("tokenizer.chat_template"), special)
 
     @property
