@@ -6,6 +6,13 @@ of a quantized matrix, and for a column slice the whole blocks that cover it (a 
 that starts or ends inside a block reads that block and drops the values outside).
 Quantized blocks are dequantized to float32 with `gguf.quants.dequantize`, on the slice only.
 
+Weights at their own size (issue 11's `dtype=` and int8 Q8_0 kernels, not yet on main when this
+was written): `raw_blocks` hands a rank its quantized blocks as stored (Q/K rows unpermuted), so
+Q8_0 maps onto kernels.formats.Q8_0 with from_interleaved and no arithmetic; the 4-bit and K types
+are to be requantized to Q8_0 from the dequantized slice (measured on SmolLM2 Q4_1: +0.6% relative
+RMS weight error, max logit change 3.6% of the largest logit, the same 24 greedy tokens).
+Until then every quantized type is dequantized to float32.
+
 llama.cpp's converter reorders the rows of each Llama query and key head so that RoPE
 rotates interleaved pairs (GGML's "normal" rope); our forward, like Hugging Face's, rotates
 halves. `read` undoes that permutation per head (so slices must hold whole heads):
