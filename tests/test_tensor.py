@@ -53,7 +53,7 @@ def references():
     return get
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, 3, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fixture_matches_single_rank(references, family, tp):
     ckpt, prompts, golden_greedy, ref_logits, ref_tokens = references(family)
@@ -78,7 +78,7 @@ def uneven_moe(tmp_path_factory):
 PROMPTS = [list(range(5, 45)), [7], [300, 384, 2, 150, 99, 1, 0]]    # ids at both ends of the vocabulary
 
 
-@pytest.mark.parametrize("tp", [3, 6])
+@pytest.mark.parametrize("tp", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("which", ["uneven", "uneven_moe"])
 def test_uneven_cuts_match_single_rank(request, which, tp):
     ckpt = request.getfixturevalue(which)
@@ -138,14 +138,15 @@ def test_plan_is_printable_and_cuts_kv_heads_with_their_queries():
 
 
 @pytest.mark.parametrize("heads, kv, tp, message", [
-    (4, 2, 3, "tp (3) does not divide the attention heads (4) of this llama model: "
-              "each tensor-parallel rank needs whole heads; use tp in {1, 2, 4}"),
-    (6, 3, 2, "tp (2) and the KV heads (3): tp must divide the KV heads, or be a multiple of them "
-              "(KV heads are then replicated); use tp in {1, 3, 6}"),
+    (4, 2, 5, "tp (5) exceeds the attention heads (4) of this llama model: tensor parallelism splits "
+              "whole heads, so each rank needs at least one; use tp <= 4"),
+    (4, 2, 3, None),
+    (6, 3, 2, None),
+    (9, 3, 4, None),
     (8, 4, 8, None),
     (8, 2, 8, None),
 ])
-def test_check_refuses_heads_that_do_not_divide(heads, kv, tp, message):
+def test_check_refuses_only_what_cannot_be_split(heads, kv, tp, message):
     cfg = Checkpoint(GOLDEN / "llama").config.with_(n_heads=heads, n_kv_heads=kv, head_dim=8)
     if message is None:
         check(cfg, Mesh(tp=tp), {})
@@ -155,10 +156,40 @@ def test_check_refuses_heads_that_do_not_divide(heads, kv, tp, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("heads, kv, tp, want", [
+    (9, 3, 2, [(6, 2), (3, 1)]),                 # SmolLM2 at tp=2: whole GQA groups, 2 + 1
+    (9, 3, 3, [(3, 1)] * 3),
+    (4, 2, 3, [(1, 1), (1, 1), (2, 1)]),         # KV head 0 on ranks 0 and 1, KV head 1 on rank 2
+    (9, 3, 4, [(2, 1), (1, 1), (3, 1), (3, 1)]),
+    (8, 2, 8, [(1, 1)] * 8),
+])
+def test_heads_split_by_whole_groups(heads, kv, tp, want):
+    cfg = Checkpoint(GOLDEN / "llama").config.with_(n_heads=heads, n_kv_heads=kv, head_dim=8)
+    assert tensor.rank_heads(cfg, tp) == want
+    q_spec, kv_spec = tensor.head_specs(cfg, tp)
+    for r, (q, k) in enumerate(want):
+        lo, hi = q_spec.bounds(r)
+        klo, khi = kv_spec.bounds(r)
+        assert (hi - lo, khi - klo) == (8 * q, 8 * k), f"rank {r}"
+        g = heads // kv                       # the rank's query heads use exactly its KV heads
+        assert (lo // 8) // g == klo // 8 and (hi // 8 - 1) // g == khi // 8 - 1, f"rank {r}"
+    assert "rank 1: " + f"{want[1][0]} query + {want[1][1]} KV heads" in tensor.describe_heads(cfg, tp)
+
+
+def test_plan_shows_the_uneven_split():
+    cfg = Checkpoint(GOLDEN / "llama").config.with_(n_heads=9, n_kv_heads=3, head_dim=8)
+    plan = full_plan(cfg, Mesh(tp=2))
+    assert str(plan["layers.0.wq"]) == "Split(dim=0, axis='tp', sizes=[48, 24])"
+    assert str(plan["layers.0.wk"]) == "Split(dim=0, axis='tp', sizes=[16, 8])"
+    assert str(plan["layers.0.wo"]) == "Split(dim=1, axis='tp', sizes=[48, 24])"
+    plan3 = full_plan(Checkpoint(GOLDEN / "llama").config, Mesh(tp=3))      # 4 heads / 2 KV heads
+    assert str(plan3["layers.0.wk"]) == "Split(dim=0, axis='tp', sizes=[16, 16], repeat=[2, 1])"
+
+
 def test_refused_before_any_rank_is_built():
-    with pytest.raises(MeshError, match=r"tp \(3\) does not divide the attention heads \(4\)"):
-        InProcessReplica(Checkpoint(GOLDEN / "llama"), Mesh(tp=3))
-    assert tensor.valid_tp(Checkpoint(GOLDEN / "llama_mqa_linear").config) == [1, 2, 4]
+    with pytest.raises(MeshError, match=r"tp \(5\) exceeds the attention heads \(4\)"):
+        InProcessReplica(Checkpoint(GOLDEN / "llama"), Mesh(tp=5))
+    assert tensor.valid_tp(Checkpoint(GOLDEN / "llama_mqa_linear").config) == [1, 2, 3, 4]
 
 
 @pytest.mark.cluster

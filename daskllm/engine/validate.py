@@ -46,7 +46,7 @@ def check_fits(tokens: int, budget: int):
 
 def kv_bytes_per_token(cfg, mesh) -> int:
     """KV-cache bytes one token costs on the rank holding it (float32 keys and values + position)."""
-    kv_heads_here = max(1, cfg.n_kv_heads // mesh.tp)
+    kv_heads_here = -(-cfg.n_kv_heads // mesh.tp)    # the most any rank holds (uneven GQA splits)
     return cfg.n_layers * (2 * kv_heads_here * cfg.head_dim * 4 + 8)
 
 

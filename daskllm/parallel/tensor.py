@@ -3,11 +3,15 @@
 Legend: p tp ranks, r this rank, D hidden, H / Hkv query / KV heads, hd head dim,
 I MLP (or expert) width, V vocabulary, N tokens.
 
-Attention, split by whole heads (column -> row parallel):
-    Q = X Wq^T,  Wq = [Wq_1 .. Wq_p] by rows: rank r holds H/p heads      all -> sharded
-    K, V likewise, each rank keeping the KV heads its query heads use (GQA groups stay whole);
-        when p > Hkv (p % Hkv == 0) KV head j is replicated on ranks j*p/Hkv .. (j+1)*p/Hkv - 1
-        and rank r holds KV head r*Hkv//p (vLLM's rule)
+Attention, split by whole GQA groups (column -> row parallel); G = H/Hkv query heads per KV head:
+    Q = X Wq^T,  Wq = [Wq_1 .. Wq_p] by rows: rank r holds h_r query heads                all -> sharded
+    K, V likewise, each rank keeping the KV heads its query heads use (GQA groups stay whole):
+      p <= Hkv: rank r holds k_r KV heads (k = array_split of Hkv over p) and their k_r*G query
+        heads, e.g. 3 KV / 9 query heads at p=2: rank 0 KV 0-1 + queries 0-5, rank 1 KV 2 + 6-8;
+      p > Hkv: KV head j is replicated on m_j neighbouring ranks (m = array_split of p over Hkv)
+        that share its G query heads (array_split of G over m_j), e.g. 2 KV / 4 query heads at
+        p=3: ranks 0, 1 hold KV 0 and one query head each, rank 2 KV 1 and queries 2-3.
+      Every rank needs a query head, so p <= H; that is the only limit.
     Y = sum_r attn(Q_r, K_r, V_r) Wo_r^T,  Wo = [Wo_1 .. Wo_p] by columns   sharded -> all (all_reduce)
     q/k/v biases follow their heads; Qwen3 per-head norms (hd,) are replicated; OLMoE full
     q/k norms (H*hd,), (Hkv*hd,) follow their heads and the per-token sum of squares is
@@ -20,8 +24,8 @@ MLP (dense, each routed expert, the shared expert):
 Vocabulary parallel (embed and lm_head cut by rows with the same sizes; tied heads share):
     E(ids) = sum_r [start_r <= id < stop_r] E_r[id - start_r]               all_reduce
     logits stay sharded; sampling exchanges only candidates (model.sampling).
-Widths that p does not divide (I, V) are cut unevenly as numpy.array_split does; heads
-must divide, and check() refuses otherwise before any worker is touched.
+Widths that p does not divide (I, V) are cut unevenly as numpy.array_split does, heads by
+whole groups as above; check() refuses p > H (or p > V) before any worker is touched.
 """
 from __future__ import annotations
 
@@ -40,23 +44,17 @@ MLP_COLS = ("w_down",)                 # row-parallel: input width cut
 
 
 def valid_tp(cfg: ModelConfig) -> list:
-    """The tp sizes this model's heads allow."""
-    h, kv = cfg.n_heads, cfg.n_kv_heads
-    return [t for t in range(1, h + 1) if h % t == 0 and (kv % t == 0 or t % kv == 0)]
+    """The tp sizes this model's heads allow: every rank needs at least one query head."""
+    return list(range(1, cfg.n_heads + 1))
 
 
 def check(cfg: ModelConfig, mesh: Mesh, options: dict):
-    """Refuse a tp that does not cut the heads into whole heads per rank."""
-    tp, h, kv = mesh.tp, cfg.n_heads, cfg.n_kv_heads
-    allowed = ", ".join(map(str, valid_tp(cfg)))
-    if h % tp:
+    """Refuse a tp that would leave a rank without a query head (or a vocabulary row)."""
+    tp, h = mesh.tp, cfg.n_heads
+    if tp > h:
         raise MeshError(
-            f"tp ({tp}) does not divide the attention heads ({h}) of this {cfg.family} model: "
-            f"each tensor-parallel rank needs whole heads; use tp in {{{allowed}}}")
-    if kv % tp and tp % kv:
-        raise MeshError(
-            f"tp ({tp}) and the KV heads ({kv}): tp must divide the KV heads, or be a multiple of "
-            f"them (KV heads are then replicated); use tp in {{{allowed}}}")
+            f"tp ({tp}) exceeds the attention heads ({h}) of this {cfg.family} model: tensor parallelism "
+            f"splits whole heads, so each rank needs at least one; use tp <= {h}")
     if cfg.vocab_size < tp:
         raise MeshError(f"tp ({tp}) exceeds the vocabulary ({cfg.vocab_size} tokens); use tp <= {cfg.vocab_size}")
 
@@ -66,17 +64,35 @@ def even_sizes(n: int, parts: int) -> tuple:
     return tuple(n // parts + (r < n % parts) for r in range(parts))
 
 
-def kv_replication(cfg: ModelConfig, tp: int) -> int:
-    """How many tp ranks hold each KV head (1 unless tp > KV heads)."""
-    return max(1, tp // cfg.n_kv_heads)
+def head_split(cfg: ModelConfig, tp: int) -> tuple:
+    """(query heads per rank, KV heads per piece, ranks per KV piece), by whole GQA groups."""
+    kv, g = cfg.n_kv_heads, cfg.group_size
+    if tp <= kv:
+        kv_heads = even_sizes(kv, tp)
+        return tuple(k * g for k in kv_heads), kv_heads, (1,) * tp
+    ranks = even_sizes(tp, kv)                       # ranks sharing each KV head
+    return tuple(q for m in ranks for q in even_sizes(g, m)), (1,) * kv, ranks
+
+
+def rank_heads(cfg: ModelConfig, tp: int) -> list:
+    """[(query heads, KV heads)] held by each tp rank."""
+    q, kv, ranks = head_split(cfg, tp)
+    kv_of_rank = [k for k, m in zip(kv, ranks) for _ in range(m)]
+    return list(zip(q, kv_of_rank))
+
+
+def describe_heads(cfg: ModelConfig, tp: int) -> str:
+    """One line on how the heads are split, for plans: uneven splits are easy to miss in row counts."""
+    parts = [f"rank {r}: {q} query + {k} KV heads" for r, (q, k) in enumerate(rank_heads(cfg, tp))]
+    return f"tp={tp} over {cfg.n_heads} query / {cfg.n_kv_heads} KV heads: " + "; ".join(parts)
 
 
 def head_specs(cfg: ModelConfig, tp: int) -> tuple:
     """(spec of the query-head rows, spec of the KV-head rows) along dim 0."""
-    hd, rep = cfg.head_dim, kv_replication(cfg, tp)
-    q = Split(0, AXIS, (cfg.n_heads // tp * hd,) * tp)
-    kv = Split(0, AXIS, ((cfg.n_kv_heads * rep // tp) * hd,) * (tp // rep), repeat=rep)
-    return q, kv
+    hd = cfg.head_dim
+    q, kv, ranks = head_split(cfg, tp)
+    repeat = ranks[0] if len(set(ranks)) == 1 else ranks      # an int when every piece has as many ranks
+    return Split(0, AXIS, tuple(h * hd for h in q)), Split(0, AXIS, tuple(k * hd for k in kv), repeat=repeat)
 
 
 def plan(cfg: ModelConfig, mesh: Mesh) -> dict:
@@ -106,7 +122,7 @@ def seams(cfg: ModelConfig, mesh: Mesh, coords: dict, comms: dict, seams: Seams,
     """Vocabulary-parallel embed, all-reduce after the O and down projections, and the q/k sums."""
     comm, rank = comms[AXIS], coords[AXIS]
     start, stop = Split(0, AXIS, even_sizes(cfg.vocab_size, mesh.tp)).bounds(rank)
-    rep = kv_replication(cfg, mesh.tp)
+    first_kv_holder = head_specs(cfg, mesh.tp)[1].first_holder(rank)
 
     def embed(table, ids):
         """Vocabulary-parallel lookup.  (V_r, D), (N,) global ids -> (N, D) on every rank"""
@@ -123,9 +139,9 @@ def seams(cfg: ModelConfig, mesh: Mesh, coords: dict, comms: dict, seams: Seams,
     def heads_sum(partial, projection):
         """Per-token sum of squares over this rank's heads -> over all heads.  (N, 1) -> (N, 1)
 
-        A KV head replicated on `rep` ranks is counted (for projection "k") by the first of them only.
+        A KV head replicated on several ranks is counted (for projection "k") by the first of them only.
         """
-        if projection == "k" and rep > 1 and rank % rep:
+        if projection == "k" and not first_kv_holder:
             partial = array_module(partial).zeros_like(partial)
         return comm.all_reduce(partial)
 

@@ -31,7 +31,13 @@ def place(client, mesh: Mesh) -> list:
 
 
 def _can_read(path):
-    return os.access(os.path.join(path, "config.json"), os.R_OK)
+    """A GGUF file, or a directory (a safetensors checkpoint's config.json, or a .gguf in it)."""
+    if os.path.isfile(path):
+        return os.access(path, os.R_OK)
+    if not os.path.isdir(path):
+        return False
+    return os.access(os.path.join(path, "config.json"), os.R_OK) or any(
+        f.endswith(".gguf") and os.access(os.path.join(path, f), os.R_OK) for f in os.listdir(path))
 
 
 def check_checkpoint_on_workers(client, workers: list, path: str):

@@ -13,7 +13,7 @@ import time
 
 from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
-from ..io.checkpoint import Checkpoint
+from ..io.formats import open_checkpoint
 from ..io.loader import ShippedShards
 from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
@@ -109,7 +109,7 @@ class RankActor:
         cannot see the checkpoint files.
         """
         start = time.perf_counter()
-        checkpoint = Checkpoint(path) if shipped is None else ShippedShards(*shipped)
+        checkpoint = open_checkpoint(path) if shipped is None else ShippedShards(*shipped)
         cfg = checkpoint.config
         comms = self.comms or {}
         setup = rank_setup(cfg, self.replica_mesh, self.local_rank, comms, self.options)
