@@ -3,11 +3,37 @@ from __future__ import annotations
 
 import os
 
-from ..parallel.mesh import Mesh
+from ..parallel.mesh import Mesh, MeshError
 
 
 class PlacementError(RuntimeError):
     """The cluster cannot host the mesh as asked."""
+
+
+class TooFewWorkers(PlacementError, MeshError):
+    """The mesh needs more workers (one per rank) than the cluster has."""
+
+
+def host_of(worker: str) -> str:
+    """The host part of a worker address: tcp://10.0.0.2:4242 -> 10.0.0.2."""
+    return worker.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def describe_hosts(workers: list) -> str:
+    """'h1, h2 (2 workers), h3': the hosts of `workers`, in order, with their worker counts."""
+    counts = {}
+    for w in workers:
+        counts[host_of(w)] = counts.get(host_of(w), 0) + 1
+    return ", ".join(h if n == 1 else f"{h} ({n} workers)" for h, n in counts.items())
+
+
+def peer_hint(error, workers: list) -> str:
+    """'; its peer, local rank 1, is on worker W (host H)' for an error between ranks that names
+    its peer, so that a link cut or a host lost shows which host it is; '' otherwise."""
+    peer = getattr(error, "peer", None)
+    if not isinstance(peer, int) or not 0 <= peer < len(workers):
+        return ""
+    return f"; its peer, local rank {peer}, is on worker {workers[peer]} (host {host_of(workers[peer])})"
 
 
 def worker_table(client) -> list:
@@ -25,7 +51,13 @@ def _takes_n_workers(client) -> bool:
 def place(client, mesh: Mesh) -> list:
     """One worker per rank: [[worker of each rank] for each replica]."""
     workers = [w[0] for w in worker_table(client)]
-    mesh.check_workers(len(workers))
+    if mesh.world_size > len(workers):
+        where = f" at {client.scheduler.address}" if getattr(client, "scheduler", None) is not None else ""
+        raise TooFewWorkers(
+            f"the mesh {mesh} needs {mesh.world_size} workers (one rank per worker) but the cluster has "
+            f"{len(workers)}{where}: " + (f"workers on {describe_hosts(workers)}" if workers else "no workers yet")
+            + "; start more workers (cluster/ssh.sh starts one per host), wait for them "
+            "(client.wait_for_workers), or shrink dp/tp/sp")
     size = mesh.replica_size
     return [workers[d * size:(d + 1) * size] for d in range(mesh.dp)]
 
@@ -40,6 +72,7 @@ def check_checkpoint_on_workers(client, workers: list, path: str):
     missing = [w for w in workers if not readable.get(w)]
     if missing:
         raise PlacementError(
-            f"these workers cannot read the checkpoint {path}: {', '.join(missing)}. "
+            f"these workers cannot read the checkpoint {path}: "
+            + ", ".join(f"{w} (host {host_of(w)})" for w in missing) + ". "
             "Put the checkpoint on a filesystem all workers share (or copy it to the same path "
             "on each machine), or pass ship_weights=True to send each rank its slices from the client.")
