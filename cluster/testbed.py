@@ -261,15 +261,29 @@ class Testbed:
     def mend(self, h: int):
         _sh("ip", "link", "set", self.veth(h), "up")
 
-    def shape(self, rate: str | None, delay: str | None):
-        """tc netem on every host's link (egress of each host, so once per hop); None, None: clear."""
+    def shape(self, rate: str | None, delay: str | None) -> str:
+        """tc netem on every host's link (egress of each host, so once per hop); None, None: clear.
+
+        Returns what was applied. A kernel without netem (some VM kernels) gets tbf for the rate
+        and no delay, and the answer says so."""
         for h in range(1, self.n + 1):
             subprocess.run(["ip", "netns", "exec", self.ns(h), "tc", "qdisc", "del", "dev", "eth0", "root"],
                            capture_output=True)
-            if rate or delay:
-                args = (["rate", rate] if rate else []) + (["delay", delay] if delay else [])
-                _sh("ip", "netns", "exec", self.ns(h), "tc", "qdisc", "add", "dev", "eth0", "root", "netem",
-                    "limit", "100000", *args)
+        if not (rate or delay):
+            return "none"
+        args = (["rate", rate] if rate else []) + (["delay", delay] if delay else [])
+        applied = "netem " + " ".join(args)
+        for h in range(1, self.n + 1):
+            tc = ["ip", "netns", "exec", self.ns(h), "tc", "qdisc", "add", "dev", "eth0", "root"]
+            out = subprocess.run(tc + ["netem", "limit", "100000", *args], capture_output=True, text=True)
+            if out.returncode == 0:
+                continue
+            if "unknown" not in out.stderr or not rate:
+                raise RuntimeError(f"tc netem on h{h} failed: {out.stderr.strip()}")
+            burst = max(_bits(rate) // 8 // 1000, 16384)           # one millisecond of the rate
+            _sh(*tc, "tbf", "rate", rate, "burst", burst, "latency", "100ms")
+            applied = f"tbf rate {rate} (this kernel has no netem: no delay added)"
+        return applied
 
     def rx_bytes(self, h: int) -> int:
         """Bytes host h has received on its link so far."""
@@ -279,6 +293,15 @@ class Testbed:
         """Start tcpdump on every link of the testbed into `path` (a bridge's own device does not
         see what it forwards between two hosts, so it listens on all interfaces, for our subnet)."""
         return Capture(self, path)
+
+
+def _bits(rate: str) -> int:
+    """'100mbit' -> 100_000_000."""
+    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "bit": 1}
+    for unit, scale in units.items():
+        if rate.lower().endswith(unit):
+            return int(float(rate[: -len(unit)]) * scale)
+    raise ValueError(f"rate {rate!r}: use kbit, mbit or gbit")
 
 
 class Capture:
