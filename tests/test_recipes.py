@@ -32,7 +32,7 @@ def _need(tool: str, why: str):
 
 def test_every_recipe_is_covered():
     assert sorted(p.name for p in CLUSTER.iterdir() if p.suffix in (".sh", ".sbatch", ".py")) == \
-        ["gpu.py", "slurm.sbatch", "ssh.sh", "testbed.py", "tls.py"]
+        ["capture.py", "gpu.py", "slurm.sbatch", "ssh.sh", "testbed.py", "tls.py"]
 
 
 @pytest.mark.parametrize("recipe", ["ssh.sh", "slurm.sbatch"])
