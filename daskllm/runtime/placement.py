@@ -76,3 +76,47 @@ def check_checkpoint_on_workers(client, workers: list, path: str):
             + ", ".join(f"{w} (host {host_of(w)})" for w in missing) + ". "
             "Put the checkpoint on a filesystem all workers share (or copy it to the same path "
             "on each machine), or pass ship_weights=True to send each rank its slices from the client.")
+
+
+def tls_mismatch(address: str, security=None, timeout: float = 5.0) -> str | None:
+    """Why a client cannot talk to the scheduler at `address` when the cause is TLS on one side
+    only (a sentence that says what would be right), or None when TLS is not the problem.
+
+    Meant for a failed connect: it probes the port once (one TLS handshake, at most `timeout` s).
+    """
+    scheme, _, hostport = address.rpartition("://")
+    host, _, port = hostport.rpartition(":")
+    speaks = _speaks_tls(host.strip("[]"), int(port), timeout)
+    if speaks is None:
+        return None
+    if speaks and scheme != "tls":
+        return (f"the scheduler at {address} speaks TLS: connect to tls://{hostport} with security= a "
+                "distributed.security.Security holding the cluster's CA and a client certificate "
+                "(cluster/tls.py security_from(DIR)), or with that Security in your Dask config")
+    if speaks and (security is None or not getattr(security, "tls_client_cert", None)):
+        return (f"the scheduler at {address} needs a client certificate: pass security=Security(tls_ca_file=..., "
+                "tls_client_cert=..., tls_client_key=...) made from the cluster's certificates")
+    if not speaks and scheme == "tls":
+        return f"the scheduler at {address} does not speak TLS (a plain cluster): connect to tcp://{hostport}"
+    return None
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool | None:
+    """True: a TLS server answers there; False: something else does; None: nothing answers."""
+    import socket
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE     # only asking whether it speaks TLS
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=None):
+            return True
+    except (ssl.SSLError, ConnectionResetError):      # a Dask server greets in its own framing
+        return False
+    except OSError:
+        return None
+    finally:
+        sock.close()
