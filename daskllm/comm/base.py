@@ -26,6 +26,14 @@ class CommError(RuntimeError):
         self.tag = tag
         self.op = op
 
+    def __reduce__(self):   # keep rank and peer when the error travels to the driver (Dask pickles it)
+        return _remake, (type(self), self.args[0] if self.args else "",
+                         {"rank": self.rank, "peer": self.peer, "tag": self.tag, "op": self.op})
+
+
+def _remake(cls, message, attrs):
+    return cls(message, **attrs)
+
 
 class CommTimeout(CommError, TimeoutError):
     """A rank waited longer than its timeout for a peer."""

@@ -17,6 +17,7 @@ from ..comm.base import CommError
 from ..comm.control import ControlLink
 from ..parallel.mesh import Mesh
 from . import settings
+from .placement import peer_hint
 from .rank import RankActor
 from .wire import work_to_wire
 
@@ -137,7 +138,7 @@ class Replica:
                 if isinstance(e, TimeoutError) and not isinstance(e, CommError):
                     what = f"did not answer within {timeout:.0f} s in {method} (frozen or overloaded worker?)"
                 else:
-                    what = f"failed in {method}: {type(e).__name__}: {e}"
+                    what = f"failed in {method}: {type(e).__name__}: {e}{peer_hint(e, self.workers)}"
                 error = ReplicaError(f"{self._describe(r)} {what}", self.index, self.first_rank + r, self.workers[r])
                 first_error = first_error or error
                 if isinstance(e, TimeoutError):
