@@ -7,7 +7,6 @@ each prompt against the vocabulary and the context, and the sampling settings.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +17,10 @@ from .engine.scheduler import ReplicaEngine
 from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
+from .kernels import DTYPES
 from .model.sampling import SamplingParams
 from .parallel import compose
+from .parallel.build import check_weights_fit, format_rank_bytes, rank_weight_bytes
 from .parallel.mesh import Mesh
 from .parallel.plan import format_plan
 from .runtime import settings
@@ -46,6 +47,11 @@ class LLM:
     ship_weights : bool
         Read each rank's slices on the client and send them to its worker, for clusters whose
         workers cannot see the checkpoint files (default: each rank reads its slices from disk).
+    dtype : {"auto", "float32", "bfloat16", "float16", "int8"}
+        How ranks hold every linear weight (projections, experts, embedding, LM head):
+        "auto" as stored in the checkpoint (bf16 and fp16 stay 16-bit); "int8" quantizes
+        at load into llama.cpp's Q8_0 blocks (32 input columns, one scale each). Norms,
+        biases, the MoE router, activations and the KV cache stay float32.
     device : {"cpu", "cuda"}
         Where ranks hold their shards: NumPy arrays, or CuPy arrays on the worker's GPU
         (one GPU per worker, e.g. dask-cuda's LocalCUDACluster).
@@ -61,15 +67,17 @@ class LLM:
 
     def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
                  sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
-                 progress=None):
+                 progress=None, dtype="auto"):
         self.path = os.path.abspath(str(default_model_path(model)))
         self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
         self.mesh = Mesh(dp, tp, sp, ep)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
         self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin"),
-                        "rank_tuning": settings.get("rank-tuning")}
+                        "rank_tuning": settings.get("rank-tuning"), "dtype": dtype}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = open_tokenizer(self.checkpoint)
@@ -102,10 +110,13 @@ class LLM:
         if not self.ship_weights:
             check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
         memory = {addr: mem for addr, _, mem in worker_table(self.client)}
-        weights_bytes = 4 * sum(math.prod(self.checkpoint.shape(n)) for n in self.checkpoint.entries)  # float32 in memory
+        rank_bytes = self.weight_bytes()                        # in the chosen dtype, per rank of a replica
+        for ws in placement:
+            check_weights_fit(rank_bytes, [memory[w] for w in ws], self.options["dtype"],
+                              rank_weight_bytes(self.checkpoint, self.mesh, {**self.options, "dtype": "int8"}))
         per_token = kv_bytes_per_token(self.config, self.mesh)
-        budgets = [budget_tokens(min(memory[w] for w in ws), weights_bytes // self.mesh.replica_size,
-                                 per_token, self.mesh) for ws in placement]
+        budgets = [budget_tokens(min(memory[w] for w in ws), max(rank_bytes), per_token, self.mesh)
+                   for ws in placement]
         self.budget_tokens = min(budgets)
 
         loaded = []
@@ -255,12 +266,17 @@ class LLM:
     # -- inspection ----------------------------------------------------------------------
 
     def plan(self) -> str:
-        """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank)."""
-        text = format_plan(compose.full_plan(self.config, self.mesh))
+        """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank),
+        then the weight bytes of each rank in the chosen dtype."""
+        text = format_plan(compose.full_plan(self.config, self.mesh, self.options))
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
             text = describe_heads(self.config, self.mesh.tp) + "\n" + text
-        return text
+        return text + "\n" + format_rank_bytes(self.weight_bytes(), self.options["dtype"])
+
+    def weight_bytes(self) -> list:
+        """Weight bytes each rank of a replica holds in the chosen dtype (from the checkpoint headers)."""
+        return rank_weight_bytes(self.checkpoint, self.mesh, self.options)
 
     def stats(self) -> list:
         """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""

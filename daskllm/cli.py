@@ -26,6 +26,8 @@ def _common() -> argparse.ArgumentParser:
         common.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
     common.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                         help="sequence-parallel attention exchange (default ring)")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                        help="how ranks hold the weights: auto = as stored (default); int8 = llama.cpp Q8_0 blocks")
     common.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
     return common
 
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
     try:
         with LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
-                 sp_variant=args.sp_variant, progress=_progress) as llm:
+                 sp_variant=args.sp_variant, dtype=args.dtype, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
             (_chat_loop if args.command == "chat" else _generate)(llm, args)
     except (ValueError, RuntimeError) as e:

@@ -69,3 +69,19 @@ def test_chat_loop_streams_replies():
     out = _run("chat", "--max-new-tokens", "16", stdin="What is the capital of France?\n\nexit\n", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout and out.stdout.startswith("> "), out.stdout
+
+
+@pytest.mark.cluster
+def test_generate_with_int8_weights(tmp_path):
+    os.environ["DASKLLM_CACHE"] = str(tmp_path)
+    try:
+        out = _run("generate", "--model", "builtin", "--dtype", "int8", "--max-new-tokens", "4", "--ignore-eos", "Hello")
+    finally:
+        del os.environ["DASKLLM_CACHE"]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip(), "no text was streamed"
+
+
+def test_unknown_dtype_is_refused_by_the_cli():
+    out = _run("generate", "--dtype", "int4", "hi", timeout=60)
+    assert out.returncode == 2 and "invalid choice: 'int4'" in out.stderr

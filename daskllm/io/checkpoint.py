@@ -130,6 +130,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple:
         return self.entries[name][2]
 
+    def stored_dtype(self, name: str) -> str:
+        """"float32", "bfloat16" or "float16": how tensor `name` is stored on disk."""
+        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[self.entries[name][3]]
+
     def nbytes(self, name: str) -> int:
         _, _, shape, dtype = self.entries[name]
         return int(np.prod(shape)) * {"F32": 4, "F16": 2, "BF16": 2}[dtype]

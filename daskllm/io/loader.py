@@ -1,10 +1,16 @@
-"""Read one rank's weights (the slices its plan names) from a checkpoint into a `Weights`."""
+"""Read one rank's weights (the slices its plan names) from a checkpoint into a `Weights`.
+
+Each matrix is read in its stored dtype and turned into the layout of the chosen weight
+dtype (kernels.formats) one tensor at a time; norms, biases, the MoE router and the shared
+expert's gate stay float32.
+"""
 from __future__ import annotations
 
 import re
 
 import numpy as np
 
+from .. import kernels
 from ..model.forward import Weights
 from ..model.layers import array_module
 
@@ -33,7 +39,7 @@ def structure(flat: dict, n_layers: int, tie_embeddings: bool, vocab_start: int 
             fuse_projections(part)
             as_matmul_layout(part)
     embed = flat["embed"]
-    lm_head = embed if tie_embeddings else array_module(flat["lm_head"]).asfortranarray(flat["lm_head"])
+    lm_head = embed if tie_embeddings else _matmul_layout(flat["lm_head"])
     return Weights(embed=embed, norm=flat["norm"], lm_head=lm_head,
                    layers=layers, vocab_start=vocab_start)
 
@@ -47,12 +53,12 @@ def fuse_projections(weights: dict):
     if "wq" in weights:
         parts = [weights.pop(n) for n in ("wq", "wk", "wv")]
         weights["qkv_sizes"] = tuple(p.shape[0] for p in parts)
-        weights["wqkv"] = array_module(parts[0]).concatenate(parts, axis=0)          # (Hq+2Hkv)*hd, D
+        weights["wqkv"] = kernels.concat_rows(parts)                                  # (Hq+2Hkv)*hd, D
         if "bq" in weights:
             weights["bqkv"] = array_module(parts[0]).concatenate([weights.pop(n) for n in ("bq", "bk", "bv")])
     if "w_gate" in weights:
         gate, up = weights.pop("w_gate"), weights.pop("w_up")
-        weights["w_gate_up"] = array_module(gate).concatenate([gate, up], axis=0)    # (2I, D)
+        weights["w_gate_up"] = kernels.concat_rows([gate, up])                       # (2I, D)
 
 
 def as_matmul_layout(weights: dict):
@@ -60,23 +66,66 @@ def as_matmul_layout(weights: dict):
 
     The forward computes x @ W.T; with W.T contiguous, BLAS skips a transposing pass over W
     and small-batch matmuls (decode) run about 1.5x faster. Values and shapes are unchanged.
+    16-bit and int8 layouts stay row-major: their kernels read one output row at a time.
     """
     for name, w in weights.items():
-        if getattr(w, "ndim", 0) == 2 and name != "router":
-            weights[name] = array_module(w).asfortranarray(w)
+        if name != "router":
+            weights[name] = _matmul_layout(w)
 
 
-def read_weights(checkpoint, slices: dict, xp=np, dtype=np.float32) -> dict:
-    """{our name: array} for each name in `slices` (value: a tuple of slices, or None for all).
+def _matmul_layout(w):
+    if getattr(w, "ndim", 0) == 2 and not kernels.is_low_bit(w):
+        return array_module(w).asfortranarray(w)
+    return w
 
-    Each tensor is read from disk, sliced by safetensors, converted to `dtype` and moved
-    to `xp` (numpy or cupy) one at a time, so peak host memory stays near one tensor.
+
+STORED = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+KEPT_FLOAT32 = ("router", "shared_gate")    # tiny, and routing decisions are discrete: kept exact
+
+
+def is_linear(name: str, shape: tuple) -> bool:
+    """A matrix the chosen weight dtype applies to: every projection, expert, embedding and LM head."""
+    return len(shape) == 2 and name.rsplit(".", 1)[-1] not in KEPT_FLOAT32
+
+
+def target_dtype(name: str, shape: tuple, stored: str, dtype: str) -> str:
+    """The dtype tensor `name` is held in: `dtype` for linear weights ("auto": as stored), else float32."""
+    if not is_linear(name, shape):
+        return "float32"
+    return stored if dtype == "auto" else dtype
+
+
+def read_weights(checkpoint, slices: dict, xp=np, dtype: str = "float32") -> dict:
+    """{our name: weight} for each name in `slices` (value: a tuple of slices, or None for all).
+
+    Each tensor is read from disk in its stored dtype, sliced by safetensors, turned into the
+    layout of its target dtype (see `target_dtype`) and moved to `xp` (numpy or cupy) one
+    at a time, so peak host memory stays near one tensor (never a float32 checkpoint).
     """
+    if dtype not in kernels.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(kernels.DTYPES)}, got {dtype!r}")
     out = {}
     for name, index in slices.items():
-        array = checkpoint.read(name, index, dtype)
-        out[name] = array if xp is np else xp.asarray(array)
+        array = checkpoint.read(name, index, None)                    # as stored on disk
+        target = target_dtype(name, array.shape, np.dtype(array.dtype).name, dtype)
+        try:
+            weight = kernels.convert(array, target) if array.ndim == 2 else np.asarray(array, np.float32)
+        except OverflowError as e:
+            raise OverflowError(f"{name}: {e}") from None
+        out[name] = kernels.to_device(weight, xp)
     return out
+
+
+def held_bytes(checkpoint, slices: dict, dtype: str) -> int:
+    """Bytes `read_weights(checkpoint, slices, dtype=dtype)` will hold, from the headers alone."""
+    total = 0
+    for name, index in slices.items():
+        shape = checkpoint.shape(name)
+        if index is not None:
+            shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+        target = target_dtype(name, shape, checkpoint.stored_dtype(name), dtype)
+        total += kernels.weight_bytes(shape, target)
+    return total
 
 
 class ShippedShards:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import kernels
+from ..kernels import matmul
 from .config import ModelConfig
 from .layers import apply_rope, array_module, gated_mlp, rms_norm, rope_cos_sin, rope_inv_freq
 from .moe import moe_mlp
@@ -56,20 +58,27 @@ class Weights:
     layers: list = field(default_factory=list)
     vocab_start: int = 0               # global id of the first row of embed / lm_head
 
-    def nbytes(self) -> int:
-        seen, total = set(), 0
+    def arrays(self) -> list:
+        """Every weight held (each once), any layout."""
+        seen, found = set(), []
 
         def walk(obj):
-            nonlocal total
             if isinstance(obj, dict):
                 for v in obj.values():
                     walk(v)
             elif hasattr(obj, "nbytes") and id(obj) not in seen:
                 seen.add(id(obj))
-                total += obj.nbytes
+                found.append(obj)
         walk({"embed": self.embed, "norm": self.norm, "lm_head": self.lm_head,
               "layers": {i: d for i, d in enumerate(self.layers)}})
-        return total
+        return found
+
+    def has_low_bit(self) -> bool:
+        return any(kernels.is_low_bit(w) for w in self.arrays())
+
+    def nbytes(self) -> int:
+        """Bytes held, in each weight's own layout (what a rank's memory really holds)."""
+        return sum(int(w.nbytes) for w in self.arrays())
 
 
 class Transformer:
@@ -97,11 +106,11 @@ class Transformer:
 
     def logits(self, hidden):
         """Logits over the vocabulary rows held here.  (N, D) -> (N, V)"""
-        return hidden @ self.weights.lm_head.T
+        return matmul(hidden, self.weights.lm_head)
 
     def attention(self, i, layer, x, batch, cache, cos, sin):
         cfg, hd, n = self.cfg, self.cfg.head_dim, x.shape[0]
-        qkv = x @ layer["wqkv"].T                                                   # (N, (H + 2 Hkv) hd)
+        qkv = matmul(x, layer["wqkv"])                                                  # (N, (H + 2 Hkv) hd)
         if cfg.qkv_bias:
             qkv = qkv + layer["bqkv"]
         nq, nk, _ = layer["qkv_sizes"]
@@ -115,7 +124,7 @@ class Transformer:
             k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.seams.attend(i, q, k, v, batch, cache, self.scale, cfg.sliding_window)  # (N, H, hd)
-        return self.seams.attention_out(out.reshape(n, -1) @ layer["wo"].T)        # (N, D)
+        return self.seams.attention_out(matmul(out.reshape(n, -1), layer["wo"]))   # (N, D)
 
     def mlp(self, i, layer, x):
         if "router" in layer:

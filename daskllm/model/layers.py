@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..kernels import matmul
 from .config import RopeConfig
 
 
@@ -35,10 +36,13 @@ def silu(x):
 
 
 def gated_mlp(x, w_gate_up, w_down):
-    """down(silu(gate(x)) * up(x)), gate and up stacked in one (2I, D) matrix.  (T, D) -> (T, D)"""
-    h = x @ w_gate_up.T                                                      # (T, 2I)
+    """down(silu(gate(x)) * up(x)), gate and up stacked in one (2I, D) matrix.  (T, D) -> (T, D)
+
+    Weights of any layout (kernels.formats); `matmul(x, W)` is x @ W.T.
+    """
+    h = matmul(x, w_gate_up)                                                 # (T, 2I)
     width = w_gate_up.shape[0] // 2
-    return (silu(h[:, :width]) * h[:, width:]) @ w_down.T
+    return matmul(silu(h[:, :width]) * h[:, width:], w_down)
 
 
 # -- rotary position embedding ---------------------------------------------------------

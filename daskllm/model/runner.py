@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import kernels
 from .cache import KVCache
 from .forward import Batch, Transformer
 from .layers import array_module
@@ -42,13 +43,15 @@ class ModelRunner:
         self.tp_comm = tp_comm
         xp = array_module(model.weights.norm)
         self.cache = KVCache(model.cfg.n_layers, xp=xp, budget_bytes=cache_budget_bytes)
+        self.low_bit = model.weights.has_low_bit()
 
     def step(self, work: list) -> dict:
         """Feed each sequence its new tokens; {seq: next token} for those that sample."""
         if not work:
             return {}
         batch = self.model.seams.local_batch(Batch.build([(w.seq, w.tokens, w.start) for w in work]))
-        hidden = self.model.forward(batch, self.cache)                       # (N, D)
+        with kernels.decode_scope(self.low_bit, len(batch.tokens)):
+            hidden = self.model.forward(batch, self.cache)                   # (N, D)
         sampled = [i for i, w in enumerate(work) if w.sample]
         if not sampled:
             return {}

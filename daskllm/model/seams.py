@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..kernels import take_rows
 from .layers import array_module, blockwise_attention
 from .moe import combine_local
 
@@ -19,8 +20,8 @@ def identity(x):
 
 
 def local_embed(table, token_ids):
-    """Rows of the embedding table.  (V, D), (N,) -> (N, D)"""
-    return table[token_ids]
+    """Rows of the embedding table (any weight layout) as float32.  (V, D), (N,) -> (N, D)"""
+    return take_rows(table, token_ids)
 
 
 def local_attend(layer, q, k, v, batch, cache, scale, window):

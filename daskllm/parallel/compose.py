@@ -42,11 +42,15 @@ def check(cfg: ModelConfig, mesh: Mesh, options: dict | None = None):
         _strategy(axis).check(cfg, mesh, options or {})
 
 
-def full_plan(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """{our tensor name: spec} for the whole model on this mesh (printable, drawable)."""
+def full_plan(cfg: ModelConfig, mesh: Mesh, options: dict | None = None) -> dict:
+    """{our tensor name: spec} for the whole model on this mesh (printable, drawable).
+
+    options["dtype"] "int8" makes tensor-parallel cuts respect int8 blocks (parallel.tensor).
+    """
     plan = replicated_plan(expected_shapes(cfg))
     for axis in active_axes(mesh):
-        plan.update(_strategy(axis).plan(cfg, mesh))
+        module = _strategy(axis)
+        plan.update(module.plan(cfg, mesh, options) if axis == "tp" else module.plan(cfg, mesh))
     return plan
 
 
@@ -63,7 +67,7 @@ class RankSetup:
 def rank_setup(cfg: ModelConfig, mesh: Mesh, rank: int, comms: dict, options: dict | None = None) -> RankSetup:
     """Plan slice, seams and sampling communicator of global `rank`; comms: {axis: Communicator}."""
     coords = mesh.coords(rank)
-    plan = full_plan(cfg, mesh)
+    plan = full_plan(cfg, mesh, options)
     seams = LOCAL
     for axis in active_axes(mesh):
         seams = _strategy(axis).seams(cfg, mesh, coords, comms, seams, options or {})

@@ -39,7 +39,8 @@ class InProcessReplica:
         def build(r):
             setup = rank_setup(checkpoint.config, mesh, r, self.comms[r], options)
             return build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
-                                setup.vocab_start, **({"xp": xp} if xp is not None else {}))
+                                setup.vocab_start, dtype=(options or {}).get("dtype", "float32"),
+                                **({"xp": xp} if xp is not None else {}))
         self.runners = self._all(build)
 
     def _all(self, fn) -> list:

@@ -26,10 +26,15 @@ Vocabulary parallel (embed and lm_head cut by rows with the same sizes; tied hea
     logits stay sharded; sampling exchanges only candidates (model.sampling).
 Widths that p does not divide (I, V) are cut unevenly as numpy.array_split does, heads by
 whole groups as above; check() refuses p > H (or p > V) before any worker is touched.
+Int8 weights (Q8_0: blocks of 32 along the input dim) are cut at block boundaries only, so
+a rank's slice holds the very blocks the single rank would: the MLP width I is cut in
+whole blocks (the global partial last block, if any, stays on the last rank), and each
+rank's query columns of wo (h_r heads x hd) must be a whole number of blocks.
 """
 from __future__ import annotations
 
 from ..io.names import expected_shapes
+from ..kernels import BLOCK, take_rows
 from ..model.config import ModelConfig
 from ..model.layers import array_module
 from ..model.seams import Seams
@@ -57,6 +62,43 @@ def check(cfg: ModelConfig, mesh: Mesh, options: dict):
             f"splits whole heads, so each rank needs at least one; use tp <= {h}")
     if cfg.vocab_size < tp:
         raise MeshError(f"tp ({tp}) exceeds the vocabulary ({cfg.vocab_size} tokens); use tp <= {cfg.vocab_size}")
+    if split_unit(options) > 1:
+        check_blocks(cfg, tp)
+
+
+def split_unit(options) -> int:
+    """Columns a cut along the input dim must respect: a Q8_0 block for int8 weights, else 1."""
+    return BLOCK if (options or {}).get("dtype") == "int8" else 1
+
+
+def mlp_widths(cfg: ModelConfig) -> dict:
+    """{what: width} of every MLP this model has (dense, routed expert, shared expert)."""
+    widths = {}
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
+        widths["MLP"] = cfg.intermediate_size
+    if cfg.moe is not None:
+        widths["expert"] = cfg.moe.intermediate_size
+        if cfg.moe.shared_intermediate_size:
+            widths["shared expert"] = cfg.moe.shared_intermediate_size
+    return widths
+
+
+def check_blocks(cfg: ModelConfig, tp: int):
+    """Refuse a tp whose int8 slices would cut a block of 32 input columns."""
+    for heads, _ in rank_heads(cfg, tp):
+        q_cols = heads * cfg.head_dim
+        if q_cols % BLOCK:
+            raise MeshError(
+                f"dtype int8 at tp={tp}: a rank's slice of the attention output projection (wo) would be "
+                f"{q_cols} input columns ({heads} heads x {cfg.head_dim}), not a whole number of int8 "
+                f"blocks of {BLOCK}; use a smaller tp, or dtype bfloat16/float16/float32")
+    for what, width in mlp_widths(cfg).items():
+        blocks = -(-width // BLOCK)
+        if blocks < tp:
+            raise MeshError(
+                f"dtype int8 at tp={tp}: the {what} width {width} is only {blocks} int8 block(s) of {BLOCK}, "
+                f"fewer than the {tp} tensor-parallel ranks that must each hold whole blocks; use tp <= {blocks}, "
+                "or dtype bfloat16/float16/float32")
 
 
 def even_sizes(n: int, parts: int) -> tuple:
@@ -87,6 +129,16 @@ def describe_heads(cfg: ModelConfig, tp: int) -> str:
     return f"tp={tp} over {cfg.n_heads} query / {cfg.n_kv_heads} KV heads: " + "; ".join(parts)
 
 
+def block_sizes(n: int, parts: int, unit: int) -> tuple:
+    """Like even_sizes, in whole units of `unit`; the last piece ends at n (a partial last unit)."""
+    if unit == 1:
+        return even_sizes(n, parts)
+    sizes = [b * unit for b in even_sizes(-(-n // unit), parts)]
+    sizes[-1] -= sum(sizes) - n
+    return tuple(sizes)
+
+
+
 def head_specs(cfg: ModelConfig, tp: int) -> tuple:
     """(spec of the query-head rows, spec of the KV-head rows) along dim 0."""
     hd = cfg.head_dim
@@ -95,9 +147,9 @@ def head_specs(cfg: ModelConfig, tp: int) -> tuple:
     return Split(0, AXIS, tuple(h * hd for h in q)), Split(0, AXIS, tuple(k * hd for k in kv), repeat=repeat)
 
 
-def plan(cfg: ModelConfig, mesh: Mesh) -> dict:
+def plan(cfg: ModelConfig, mesh: Mesh, options: dict | None = None) -> dict:
     """{our name: spec} for every tensor tp cuts; norms, router, shared_gate stay replicated."""
-    tp = mesh.tp
+    tp, unit = mesh.tp, split_unit(options)
     q_spec, kv_spec = head_specs(cfg, tp)
     vocab = Split(0, AXIS, even_sizes(cfg.vocab_size, tp))
     out = {}
@@ -111,10 +163,10 @@ def plan(cfg: ModelConfig, mesh: Mesh) -> dict:
             out[name] = kv_spec
         elif part == "wo":
             out[name] = Split(1, AXIS, q_spec.sizes)
-        elif part in MLP_ROWS:
-            out[name] = Split(0, AXIS, even_sizes(shape[0], tp))
+        elif part in MLP_ROWS:       # the same cut as w_down's columns
+            out[name] = Split(0, AXIS, block_sizes(shape[0], tp, unit))
         elif part in MLP_COLS:
-            out[name] = Split(1, AXIS, even_sizes(shape[1], tp))
+            out[name] = Split(1, AXIS, block_sizes(shape[1], tp, unit))
     return out
 
 
@@ -129,8 +181,8 @@ def seams(cfg: ModelConfig, mesh: Mesh, coords: dict, comms: dict, seams: Seams,
         xp = array_module(table)
         local = ids - start                                                   # (N,)
         inside = (local >= 0) & (local < stop - start)
-        rows = table[xp.where(inside, local, 0)]                              # (N, D)
-        return comm.all_reduce(xp.where(inside[:, None], rows, 0).astype(table.dtype, copy=False))
+        rows = take_rows(table, xp.where(inside, local, 0))                   # (N, D) float32
+        return comm.all_reduce(xp.where(inside[:, None], rows, 0).astype(rows.dtype, copy=False))
 
     def all_reduce(y):
         """Partial sums of a row-parallel matmul -> the full output.  (N, D) -> (N, D)"""

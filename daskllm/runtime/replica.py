@@ -36,6 +36,7 @@ class Replica:
     def __init__(self, client, index: int, workers: list, mesh: Mesh, path: str, options: dict,
                  on_rank_loaded=None, ship_from=None):
         self.client, self.index, self.workers, self.mesh = client, index, list(workers), mesh
+        self.options = options
         self.first_rank = index * mesh.replica_size
         self.alive = True
         self._actors = []
@@ -76,7 +77,7 @@ class Replica:
         from ..parallel.plan import rank_slices
         cfg = checkpoint.config
         replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
-        plan = compose.full_plan(cfg, replica_mesh)
+        plan = compose.full_plan(cfg, replica_mesh, self.options)
         shapes = {name: checkpoint.shape(name) for name in plan}
         infos = []
         for r, actor in enumerate(self._actors):

@@ -1,0 +1,150 @@
+"""Weights at their own size: decode and prefill per weight dtype against the memory-bandwidth bound.
+
+Run: python benchmarks/dtypes.py            (207M random Llama, about 3-4 min on 2 cores)
+     python benchmarks/dtypes.py --big      (adds a ~1.1B Llama: ~9 GB of disk and memory, longer)
+
+One random Llama checkpoint (float32 on disk) per size, written to a temporary directory;
+each dtype loaded as one rank (build_runner, the code every rank runs) in a fresh process of
+its own (so resident memory is that dtype's alone), BLAS and the numba kernels on --threads
+threads. For each dtype:
+  resident   weight bytes the rank holds (Weights.nbytes) against the analytic size
+             (params x bytes per weight: 4, 2, or 34/32 for Q8_0 plus float32 norms), and
+             the process's anonymous resident-memory growth over the load
+  decode     ms per greedy step of one sequence after a 16-token prompt (median of --steps)
+  bound      the decode bytes (every weight once, the embedding table one row) over the copy
+             bandwidth measured in this run (numpy copy, bytes read + written per second)
+  prefill    seconds for one 512-token forward (median of --rounds), ratio to float32
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_llama  # noqa: E402
+from reference import copy_bandwidth  # noqa: E402
+
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+SIZES = {"207M": dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000),
+         "1.1B": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=32000)}
+
+
+def load(path, dtype):
+    from daskllm.io.checkpoint import Checkpoint
+    from daskllm.parallel.build import build_runner
+    from daskllm.parallel.compose import full_plan
+    from daskllm.parallel.mesh import Mesh
+    ckpt = Checkpoint(path)
+    return build_runner(ckpt, full_plan(ckpt.config, Mesh(), {"dtype": dtype}), dtype=dtype), ckpt
+
+
+def analytic_bytes(ckpt, dtype) -> int:
+    from daskllm import kernels
+    from daskllm.io.loader import target_dtype
+    return sum(kernels.weight_bytes(ckpt.shape(n), target_dtype(n, ckpt.shape(n), "float32", dtype))
+               for n in ckpt.entries)
+
+
+def decode_bytes(runner) -> int:
+    """Bytes one decode step streams: every weight, but only one row of the embedding table."""
+    w = runner.model.weights
+    embed = w.embed.nbytes if w.embed is not w.lm_head else 0
+    return w.nbytes() - embed + embed // w.embed.shape[0]
+
+
+def time_decode(runner, steps: int) -> float:
+    from daskllm.model.runner import Work
+    prompt = tuple(range(100, 116))
+    tok = runner.step([Work(0, prompt, 0)])[0]
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        tok = runner.step([Work(0, (tok,), len(prompt) + i, counter=i + 1)])[0]
+        times.append(time.perf_counter() - t0)
+    runner.release([0])
+    return statistics.median(times)
+
+
+def time_prefill(runner, tokens: int, rounds: int) -> float:
+    from daskllm.model.runner import Work
+    times = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        runner.step([Work(r + 1, tuple(range(3, 3 + tokens)), 0)])
+        times.append(time.perf_counter() - t0)
+        runner.release([r + 1])
+    return statistics.median(times)
+
+
+def anonymous_memory() -> int:
+    """Anonymous resident bytes of this process (not the checkpoint's file pages)."""
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def one(path, dtype, args) -> dict:
+    """Load `dtype` in this process and time it; plain numbers for the parent."""
+    from threadpoolctl import threadpool_limits
+
+    from daskllm import kernels
+    threadpool_limits(args.threads)
+    kernels.set_threads(args.threads)
+    gc.collect()
+    before = anonymous_memory()
+    runner, ckpt = load(path, dtype)
+    ckpt.close()
+    gc.collect()
+    grown = anonymous_memory() - before
+    time_decode(runner, 3)                                   # warm-up: kernels, caches
+    return {"held": runner.model.weights.nbytes(), "analytic": analytic_bytes(ckpt, dtype), "grown": grown,
+            "decode_bytes": decode_bytes(runner), "decode": time_decode(runner, args.steps),
+            "prefill": time_prefill(runner, args.prefill, args.rounds)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--big", action="store_true", help="also the ~1.1B model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--one", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args)))
+        return
+    bandwidth = copy_bandwidth(args.threads)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written, {args.threads} threads)")
+    for size in ["207M"] + (["1.1B"] if args.big else []):
+        with tempfile.TemporaryDirectory() as tmp:
+            params = random_llama(tmp, max_position=2048, **SIZES[size])
+            print(f"\n{size} Llama ({params / 1e6:.0f}M parameters), threads {args.threads}")
+            print(f"{'dtype':9s} {'held MB':>8s} {'analytic':>8s} {'anon +MB':>8s} {'decode ms':>9s} "
+                  f"{'bound ms':>8s} {'of bound':>8s} {'vs f32':>6s} {'prefill s':>9s} {'vs f32':>6s}")
+            base = {}
+            for dtype in DTYPES:
+                cmd = [sys.executable, __file__, "--one", tmp, dtype, "--threads", str(args.threads),
+                       "--steps", str(args.steps), "--prefill", str(args.prefill), "--rounds", str(args.rounds)]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                              env=os.environ).stdout.strip().splitlines()[-1])
+                bound = r["decode_bytes"] / bandwidth                    # as benchmarks/reference.py
+                base.setdefault("decode", r["decode"])
+                base.setdefault("prefill", r["prefill"])
+                print(f"{dtype:9s} {r['held'] / 1e6:8.0f} {r['analytic'] / 1e6:8.0f} {r['grown'] / 1e6:8.0f} "
+                      f"{r['decode'] * 1e3:9.2f} {bound * 1e3:8.2f} {bound / r['decode']:8.2f} "
+                      f"{r['decode'] / base['decode']:6.2f} {r['prefill']:9.2f} {r['prefill'] / base['prefill']:6.2f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Matrix products with weights held at their own size: float32, 16-bit, or Q8_0 int8 blocks.
+
+The model calls `matmul(x, w)` for x @ W.T (and `take_rows` for an embedding lookup);
+this package picks the kernel by the weight's layout (kernels.formats) and the rows of x:
+  float32            BLAS (numpy or cupy), as before
+  16-bit, Q8_0, CPU  few rows (decode, <= DECODE_ROWS): numba kernels read the low-bit
+                     weight once, no float32 copy of the matrix (kernels.cpu);
+                     many rows (prefill): tiles of TILE_ROWS rows dequantized (one thread)
+                     into a reused float32 buffer, multiplied by BLAS, so it stays near the
+                     GEMM rate
+  16-bit, Q8_0, GPU  the matrix dequantized to float32 on the device, then cuBLAS (CuPy)
+Activations stay float32 on every path.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from .formats import (BLOCK, KINDS, Half, Q8_0, array_module, concat_rows, convert, dequantize,  # noqa: F401
+                      dtype_name, from_interleaved, q8_0_from_blocks, quantize_q8_0, take_rows, to_device)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+DECODE_ROWS = 4          # measured: at 8 rows the direct kernels are compute-bound and BLAS wins
+TILE_ROWS = 1024         # prefill tile (DESIGN.md: 1024-row tiles ran at 1.08-1.23x the fp32 GEMM)
+SERIAL_BELOW = 1 << 18   # weights per call under which one thread beats starting numba's threads
+
+# numba's parallel kernels: one at a time per process (its workqueue threading layer aborts
+# on concurrent launches, and ranks sharing a process would oversubscribe the cores anyway).
+_launch = threading.Lock()
+_threads = None
+_local = threading.local()
+
+
+def is_low_bit(w) -> bool:
+    return isinstance(w, (Half, Q8_0))
+
+
+def set_threads(n: int):
+    """Threads for the numba kernels of this process (a rank: its worker's threads)."""
+    global _threads
+    _threads = max(1, int(n))
+
+
+def _cpu(parallel=True):
+    from . import cpu       # numba compiles (or loads its cache) on first use only
+    if parallel and _threads is not None:
+        import numba
+        if numba.get_num_threads() != min(_threads, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+    return cpu
+
+
+def _buffer(size: int) -> np.ndarray:
+    """A float32 scratch buffer of at least `size` elements, reused by this thread."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _local.buf = np.empty(size, np.float32)
+    return buf[:size]
+
+
+def matmul(x, w):
+    """x @ W.T for W (O, K) of any layout.  x (T, K) float32 -> (T, O) float32"""
+    if not is_low_bit(w):
+        return x @ w.T
+    xp = array_module(x)
+    if xp is not np:
+        return x @ dequantize(w).T                       # GPU: one matrix at a time, float32 cuBLAS
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    t_rows, o_rows = x.shape[0], w.shape[0]
+    out = np.empty((t_rows, o_rows), np.float32)
+    if t_rows == 0:
+        return out
+    k_cols = w.shape[1]
+    parallel = o_rows * k_cols >= SERIAL_BELOW
+    if t_rows <= DECODE_ROWS:
+        with _launch if parallel else contextlib.nullcontext():
+            cpu = _cpu(parallel)
+            if isinstance(w, Q8_0):
+                (cpu.matvec_q8_0 if parallel else cpu.matvec_q8_0_serial)(x, w.qs, w.d.view(np.uint16), out)
+            else:
+                (cpu.matvec_half if parallel else cpu.matvec_half_serial)(x, w.bits, w.kind == "bfloat16", out)
+        return out
+    for lo in range(0, o_rows, TILE_ROWS):
+        rows = min(TILE_ROWS, o_rows - lo)
+        tile = _buffer(rows * k_cols).reshape(rows, k_cols)                  # (R, K) float32
+        # One thread: BLAS's threads run right after, and numba's spinning threads would slow them.
+        cpu = _cpu(parallel=False)
+        if isinstance(w, Q8_0):
+            cpu.dequantize_rows_q8_0_serial(w.qs, w.d.view(np.uint16), lo, k_cols, tile)
+        else:
+            cpu.dequantize_rows_half_serial(w.bits, w.kind == "bfloat16", lo, tile)
+        np.matmul(x, tile.T, out=out[:, lo:lo + rows])
+    return out
+
+
+class _BlasThreads:
+    """Limits BLAS to one thread around small-batch steps on low-bit weights (reused controller)."""
+    controller = None
+
+    @classmethod
+    def one(cls):
+        if cls.controller is None:
+            from threadpoolctl import ThreadpoolController
+            cls.controller = ThreadpoolController()
+        return cls.controller.limit(limits=1, user_api="blas")
+
+
+def decode_scope(weights_low_bit: bool, rows: int):
+    """Context for one step: BLAS on one thread when numba kernels run beside it.
+
+    Measured (DESIGN.md): OpenBLAS's and numba's threads both spin after their work, and a
+    numba int8 step slowed from 6.6 ms to 122 ms with small BLAS calls beside it; with
+    OpenBLAS on one thread around the step it ran in 6.8 ms.
+    """
+    if weights_low_bit and rows <= DECODE_ROWS:
+        return _BlasThreads.one()
+    return contextlib.nullcontext()
+
+
+def weight_bytes(shape: tuple, dtype: str) -> int:
+    """Bytes a (out, in) matrix (or a vector) takes in memory as `dtype`."""
+    n = int(np.prod(shape))
+    if dtype == "int8" and len(shape) == 2:
+        nb = -(-shape[1] // BLOCK)
+        return shape[0] * nb * (BLOCK + 2)
+    return n * {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 4}[dtype]

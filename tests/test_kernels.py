@@ -1,0 +1,126 @@
+"""kernels/: the 16-bit and Q8_0 layouts, and every matmul path against float32 math on the same weights."""
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from daskllm import kernels
+from daskllm.kernels import formats
+
+RNG = np.random.default_rng(7)
+
+
+def _matrix(out, cols, scale=0.1):
+    return (scale * RNG.standard_normal((out, cols))).astype(np.float32)
+
+
+def test_q8_0_blocks_follow_llama_cpp():
+    w = _matrix(3, 80)                         # two whole blocks and a partial one (16 columns)
+    w[1, :32] = 0.0                            # an all-zero block: scale 0, values 0
+    q = kernels.quantize_q8_0(w)
+    assert q.qs.shape == (3, 96) and q.d.shape == (3, 3) and q.shape == (3, 80)
+    assert q.qs.dtype == np.int8 and q.d.dtype == np.float16
+    assert not q.qs[:, 80:].any(), "the partial block's padding must be zeros"
+    assert q.d[1, 0] == 0 and not q.qs[1, :32].any()
+    blocks = np.zeros((3, 96), np.float32)
+    blocks[:, :80] = w
+    amax = np.abs(blocks.reshape(3, 3, 32)).max(axis=2)
+    assert_allclose(q.d.astype(np.float32), (amax / 127).astype(np.float16).astype(np.float32))
+    assert np.abs(q.qs).max() == 127                                  # the block maximum maps to +-127
+    back = kernels.dequantize(q)
+    step = np.repeat(q.d.astype(np.float32), 32, axis=1)[:, :80]
+    # half a step from rounding, plus up to 127 x the float16 rounding of the scale (2^-11 relative)
+    assert np.all(np.abs(back - w) <= (0.5 + 127 * 2.0**-11) * step + 1e-7), "error beyond half a step"
+
+
+def test_q8_0_from_blocks_and_from_gguf_bytes():
+    q = kernels.quantize_q8_0(_matrix(4, 64))
+    same = kernels.q8_0_from_blocks(q.qs.copy(), q.d.copy(), 64)
+    assert_allclose(kernels.dequantize(same), kernels.dequantize(q))
+    # GGUF stores each block as {float16 d, int8 qs[32]}: 34 bytes, blocks of a row in order.
+    raw = bytearray()
+    for o in range(4):
+        for b in range(2):
+            raw += q.d[o, b].tobytes() + q.qs[o, 32 * b:32 * (b + 1)].tobytes()
+    g = kernels.from_interleaved(np.frombuffer(bytes(raw), np.uint8), 4, 64)
+    assert np.array_equal(g.qs, q.qs) and np.array_equal(g.d, q.d)
+
+
+def test_layouts_refuse_wrong_arrays():
+    with pytest.raises(ValueError, match=r"Q8_0 values must be int8 \(2, 64\) for 40 columns"):
+        kernels.q8_0_from_blocks(np.zeros((2, 32), np.int8), np.zeros((2, 2), np.float16), 40)
+    with pytest.raises(ValueError, match=r"Q8_0 scales must be float16 \(2, 1\)"):
+        kernels.q8_0_from_blocks(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float32), 32)
+    with pytest.raises(ValueError, match="uint16 bits"):
+        formats.Half(np.zeros((2, 2), np.float32), "bfloat16")
+    with pytest.raises(ValueError, match="16-bit kind"):
+        formats.Half(np.zeros((2, 2), np.uint16), "float8")
+    with pytest.raises(OverflowError, match="does not fit float16 .max 65504.; use dtype='bfloat16'"):
+        kernels.convert(np.full((2, 2), 1e5, np.float32), "float16")
+
+
+def test_half_layouts_round_like_numpy():
+    w = _matrix(5, 40)
+    w[0, :4] = [1e-6, -3e-7, 6e-8, -0.0]                                  # float16 subnormals and -0
+    for kind in ("bfloat16", "float16"):
+        h = kernels.convert(w, kind)
+        want = w.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.float16).astype(np.float32)
+        assert np.array_equal(kernels.dequantize(h), want), kind
+        assert h.nbytes == w.size * 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 5, 300])                # decode kernel (<= 4 rows) and prefill tiles
+@pytest.mark.parametrize("cols", [64, 100])                     # whole blocks, and a partial last block
+def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols):
+    out = kernels.TILE_ROWS + 77                                   # two prefill tiles, the second partial
+    w = kernels.convert(_matrix(out, cols), dtype)
+    x = RNG.standard_normal((rows, cols)).astype(np.float32)
+    want = x.astype(np.float64) @ kernels.dequantize(w).astype(np.float64).T
+    got = kernels.matmul(x, w)
+    assert got.dtype == np.float32 and got.shape == (rows, out)
+    assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{dtype} rows={rows}")
+
+
+def test_matmul_of_float32_and_of_no_rows():
+    w = _matrix(6, 32)
+    x = RNG.standard_normal((2, 32)).astype(np.float32)
+    assert_allclose(kernels.matmul(x, w), x @ w.T)
+    assert kernels.matmul(np.zeros((0, 32), np.float32), kernels.convert(w, "int8")).shape == (0, 6)
+
+
+def test_rows_and_concatenation_keep_the_layout():
+    a, b = _matrix(4, 48), _matrix(2, 48)
+    for dtype in ("bfloat16", "float16", "int8"):
+        wa, wb = kernels.convert(a, dtype), kernels.convert(b, dtype)
+        both = kernels.concat_rows([wa, wb])
+        assert type(both) is type(wa) and both.shape == (6, 48)
+        assert np.array_equal(kernels.dequantize(both), np.concatenate([kernels.dequantize(wa), kernels.dequantize(wb)]))
+        ids = np.array([3, 0, 3])
+        assert np.array_equal(kernels.take_rows(wa, ids), kernels.dequantize(wa)[ids])
+        assert kernels.weight_bytes((4, 48), dtype) == wa.nbytes
+
+
+def test_two_threads_at_once_get_their_own_results():
+    """Ranks of an in-process mesh call the kernels from several threads."""
+    ws = [kernels.convert(_matrix(700, 96), d) for d in ("int8", "bfloat16")]
+    xs = [RNG.standard_normal((n, 96)).astype(np.float32) for n in (1, 9)]
+    want = {(i, j): xs[j] @ kernels.dequantize(w).T for i, w in enumerate(ws) for j in range(2)}
+    errors = []
+
+    def work(i):
+        for _ in range(20):
+            for j in range(2):
+                got = kernels.matmul(xs[j], ws[i])
+                if not np.allclose(got, want[i, j], rtol=1e-4, atol=1e-4):
+                    errors.append((i, j))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
