@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from .. import kernels
 from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.formats import open_checkpoint
@@ -47,6 +48,7 @@ class RankActor:
         threads = _worker().state.nthreads
         self.tuning = tuning.apply(threads) if options.get("rank_tuning", True) else \
             {"pid": os.getpid(), "blas_threads": tuning.set_blas_threads(threads), "malloc": "untouched"}
+        kernels.set_threads(threads)      # the low-bit weight kernels use the worker's threads too
         self.transport = None
         self.control = None
         self.compute_seconds = 0.0        # in runner steps, since the last reset_stats
