@@ -249,3 +249,22 @@ def test_weights_that_do_not_fit_a_worker_are_refused():
                                          r"\(int8 would need 0.03 GiB\)"):
         check_weights_fit([2**26, 0.1 * 2**30], [2**30, 0.05 * 2**30], "float32", [2**24, 0.03 * 2**30])
     check_weights_fit([2**26], [0], "float32")                     # unknown memory: not checked
+
+
+def test_gguf_q8_0_blocks_survive_int8_exactly(tmp_path):
+    """A GGUF Q8_0 file held as int8: re-quantizing its dequantized blocks gives the stored blocks back
+    (d = 127 d / 127, q = round(d q / d)), so the logits are the float32 ones; its raw blocks map onto
+    kernels' Q8_0 layout without arithmetic."""
+    from fixtures import gguf_models
+    from daskllm.io.gguf import GGUFCheckpoint
+    ckpt = GGUFCheckpoint(gguf_models.write_gguf(tmp_path / "tiny-Q8_0.gguf", "Q8_0"))
+    _, raw = ckpt.raw_blocks("layers.0.w_up")
+    rows, cols = ckpt.shape("layers.0.w_up")
+    stored = kernels.from_interleaved(raw, rows, cols)
+    held = read_weights(ckpt, {"layers.0.w_up": None}, dtype="int8")["layers.0.w_up"]
+    assert np.array_equal(held.qs, stored.qs) and np.array_equal(held.d, stored.d)
+    toks = [[1, 5, 9, 200, 3], [7]]
+    with InProcessReplica(ckpt, Mesh(), timeout=300) as rep:
+        want = rep.logits(toks)
+    with InProcessReplica(ckpt, Mesh(tp=2), options={"dtype": "int8"}, timeout=300) as rep:
+        assert_close(rep.logits(toks), want, 1e-5, "GGUF Q8_0 as int8, tp=2")
