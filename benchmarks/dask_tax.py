@@ -12,6 +12,7 @@ Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(
 Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
 over the decode steps (all the driver, Dask and socket time a step costs beyond the model).
+Empty step: `Replica.step` with no work, the control path's floor (messages only).
 """
 import argparse
 import sys
@@ -55,6 +56,9 @@ class InProcess:
     def control(self):
         return None
 
+    def empty_step(self):
+        return None
+
     def close(self):
         self.replica.close()
         self._limits.restore_original_limits()
@@ -87,6 +91,15 @@ class Cluster:
         """Median over this run's decode steps of (loop turn - slowest rank's compute)."""
         return float(np.median([t - c for t, c in zip(self.turns[1:], self.computes[1:])]))
 
+    def empty_step(self, n=200):
+        """Median round trip of a step with no work: the control path's floor, no model, no engine."""
+        replica, times = self.llm.replicas[0], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            replica.step([], [])
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
     def close(self):
         self.llm.close()
         self.client.close()
@@ -114,6 +127,7 @@ def measure(runner, short, longs, steps) -> dict:
                      "control": runner.control()})
     med = {k: (None if runs[0][k] is None else float(np.median([r[k] for r in runs]))) for k in runs[0]}
     med["tokens"] = tokens
+    med["empty"] = runner.empty_step()
     return med
 
 
@@ -164,15 +178,17 @@ def main(argv=None):
         if m["tokens"] != base["tokens"]:
             print(f"WARNING: {name} generated other tokens than the in-process runner: {m['tokens']} vs {base['tokens']}")
     print(f"\n| {'path':<36} | prefill {args.prefill} | vs in-process | its compute | decode ms/token | "
-          "vs in-process | rank compute | control path/step |")
-    print("| :-- | --: | --: | --: | --: | --: | --: | --: |")
+          "vs in-process | rank compute | control path/step | empty step |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: | --: |")
     for name, m in rows:
         control = "" if m["control"] is None else f"{m['control'] * 1e3:.2f} ms"
+        empty = "" if m["empty"] is None else f"{m['empty'] * 1e3:.2f} ms"
         print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill'] / base['prefill']:12.2f}x | "
               f"{m['prefill_compute'] * 1e3:8.0f} ms | {m['step'] * 1e3:12.2f} | "
-              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} |")
+              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} |")
     print(f"(medians of {args.repeats}; decode over {args.steps} steps; rank compute: the slowest rank's "
-          "runner.step per decode step; control path: loop turn minus it, median per step)")
+          "runner.step per decode step; control path: loop turn minus it, median per step; empty step: "
+          "Replica.step with no work, median of 200)")
 
 
 if __name__ == "__main__":
