@@ -1,7 +1,8 @@
 """The Dask tax: a rank inside a Dask worker against the same runner in this process.
 
-Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~4 minutes)
+Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~2 minutes quiet)
      python benchmarks/dask_tax.py --layers 2  (a quick run)
+     python benchmarks/dask_tax.py --micro     (the control path's parts alone, seconds)
 
 Rows, each on its own fresh LocalCluster, one after the other:
 - in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
@@ -131,7 +132,58 @@ def measure(runner, short, longs, steps) -> dict:
     return med
 
 
+class _Instant:
+    """A replica that answers at once: what the engine's loop costs by itself."""
+
+    index, last_compute = 0, 0.0
+
+    def step(self, work, release=()):
+        return {w.seq: 5 for w in work if w.sample}
+
+
+def micro(steps=2000):
+    """A step message's round trip to another process, and the engine's CPU per step."""
+    import subprocess
+
+    from daskllm.comm.control import ControlLink
+    from daskllm.engine.request import Request
+    from daskllm.engine.scheduler import ReplicaEngine
+    from daskllm.model.sampling import SamplingParams
+    server = subprocess.Popen([sys.executable, __file__, "--serve-control"], stdout=subprocess.PIPE, text=True)
+    link = ControlLink(("127.0.0.1", int(server.stdout.readline())), 10.0)
+    message = ["step", [[7, [123], 40, True, [0.0, 0, 1.0, 12345678901], 3]], []]
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        link.send(message)
+        link.recv(10.0)
+        times.append(time.perf_counter() - t0)
+    link.close()
+    server.wait(timeout=10)
+    print(f"control message round trip to another process: median {np.median(times) * 1e6:.0f} us, "
+          f"p10 {np.percentile(times, 10) * 1e6:.0f} us ({steps} messages)")
+    engine = ReplicaEngine(_Instant(), 10 ** 9, 4096, on_lost=None)
+    for batch in (1, 8):
+        requests = [Request([1, 2, 3], SamplingParams(), steps) for _ in range(batch)]
+        c0 = time.process_time()
+        for r in requests:
+            engine.submit(r)
+        for r in requests:
+            r.wait(timeout=600)
+        print(f"engine loop, batch {batch}: {(time.process_time() - c0) / steps * 1e6:.0f} us CPU per step")
+    engine.close()
+
+
+def serve_control():
+    from daskllm.comm.control import ControlServer
+    server = ControlServer(lambda message: ["ok", {message[1][0][0]: 5}, 0.0], accept_timeout=60)
+    print(server.address[1], flush=True)
+    server._thread.join()
+
+
 def main(argv=None):
+    if sys.argv[1:] == ["--serve-control"]:
+        return serve_control()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -143,7 +195,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-off", action="store_true", help="leave out the rows with the fixes turned off")
+    parser.add_argument("--micro", action="store_true", help="only the control path's parts, no model")
     args = parser.parse_args(argv)
+    if args.micro:
+        return micro()
 
     configs = [(InProcess, {}),
                (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, name="LLM 1 rank")),
