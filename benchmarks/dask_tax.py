@@ -1,7 +1,8 @@
 """The Dask tax: a rank inside a Dask worker against the same runner in this process.
 
-Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~4 minutes)
+Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~2 minutes quiet)
      python benchmarks/dask_tax.py --layers 2  (a quick run)
+     python benchmarks/dask_tax.py --micro     (the control path's parts alone, seconds)
 
 Rows, each on its own fresh LocalCluster, one after the other:
 - in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
@@ -12,6 +13,7 @@ Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(
 Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
 over the decode steps (all the driver, Dask and socket time a step costs beyond the model).
+Empty step: `Replica.step` with no work, the control path's floor (messages only).
 """
 import argparse
 import sys
@@ -55,6 +57,9 @@ class InProcess:
     def control(self):
         return None
 
+    def empty_step(self):
+        return None
+
     def close(self):
         self.replica.close()
         self._limits.restore_original_limits()
@@ -87,6 +92,15 @@ class Cluster:
         """Median over this run's decode steps of (loop turn - slowest rank's compute)."""
         return float(np.median([t - c for t, c in zip(self.turns[1:], self.computes[1:])]))
 
+    def empty_step(self, n=200):
+        """Median round trip of a step with no work: the control path's floor, no model, no engine."""
+        replica, times = self.llm.replicas[0], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            replica.step([], [])
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
     def close(self):
         self.llm.close()
         self.client.close()
@@ -114,10 +128,62 @@ def measure(runner, short, longs, steps) -> dict:
                      "control": runner.control()})
     med = {k: (None if runs[0][k] is None else float(np.median([r[k] for r in runs]))) for k in runs[0]}
     med["tokens"] = tokens
+    med["empty"] = runner.empty_step()
     return med
 
 
+class _Instant:
+    """A replica that answers at once: what the engine's loop costs by itself."""
+
+    index, last_compute = 0, 0.0
+
+    def step(self, work, release=()):
+        return {w.seq: 5 for w in work if w.sample}
+
+
+def micro(steps=2000):
+    """A step message's round trip to another process, and the engine's CPU per step."""
+    import subprocess
+
+    from daskllm.comm.control import ControlLink
+    from daskllm.engine.request import Request
+    from daskllm.engine.scheduler import ReplicaEngine
+    from daskllm.model.sampling import SamplingParams
+    server = subprocess.Popen([sys.executable, __file__, "--serve-control"], stdout=subprocess.PIPE, text=True)
+    link = ControlLink(("127.0.0.1", int(server.stdout.readline())), 10.0)
+    message = ["step", [[7, [123], 40, True, [0.0, 0, 1.0, 12345678901], 3]], []]
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        link.send(message)
+        link.recv(10.0)
+        times.append(time.perf_counter() - t0)
+    link.close()
+    server.wait(timeout=10)
+    print(f"control message round trip to another process: median {np.median(times) * 1e6:.0f} us, "
+          f"p10 {np.percentile(times, 10) * 1e6:.0f} us ({steps} messages)")
+    engine = ReplicaEngine(_Instant(), 10 ** 9, 4096, on_lost=None)
+    for batch in (1, 8):
+        requests = [Request([1, 2, 3], SamplingParams(), steps) for _ in range(batch)]
+        c0 = time.process_time()
+        for r in requests:
+            engine.submit(r)
+        for r in requests:
+            r.wait(timeout=600)
+        print(f"engine loop, batch {batch}: {(time.process_time() - c0) / steps * 1e6:.0f} us CPU per step")
+    engine.close()
+
+
+def serve_control():
+    from daskllm.comm.control import ControlServer
+    server = ControlServer(lambda message: ["ok", {message[1][0][0]: 5}, 0.0], accept_timeout=60)
+    print(server.address[1], flush=True)
+    server._thread.join()
+
+
 def main(argv=None):
+    if sys.argv[1:] == ["--serve-control"]:
+        return serve_control()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -129,7 +195,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-off", action="store_true", help="leave out the rows with the fixes turned off")
+    parser.add_argument("--micro", action="store_true", help="only the control path's parts, no model")
     args = parser.parse_args(argv)
+    if args.micro:
+        return micro()
 
     configs = [(InProcess, {}),
                (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, name="LLM 1 rank")),
@@ -164,15 +233,17 @@ def main(argv=None):
         if m["tokens"] != base["tokens"]:
             print(f"WARNING: {name} generated other tokens than the in-process runner: {m['tokens']} vs {base['tokens']}")
     print(f"\n| {'path':<36} | prefill {args.prefill} | vs in-process | its compute | decode ms/token | "
-          "vs in-process | rank compute | control path/step |")
-    print("| :-- | --: | --: | --: | --: | --: | --: | --: |")
+          "vs in-process | rank compute | control path/step | empty step |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: | --: |")
     for name, m in rows:
         control = "" if m["control"] is None else f"{m['control'] * 1e3:.2f} ms"
+        empty = "" if m["empty"] is None else f"{m['empty'] * 1e3:.2f} ms"
         print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill'] / base['prefill']:12.2f}x | "
               f"{m['prefill_compute'] * 1e3:8.0f} ms | {m['step'] * 1e3:12.2f} | "
-              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} |")
+              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} |")
     print(f"(medians of {args.repeats}; decode over {args.steps} steps; rank compute: the slowest rank's "
-          "runner.step per decode step; control path: loop turn minus it, median per step)")
+          "runner.step per decode step; control path: loop turn minus it, median per step; empty step: "
+          "Replica.step with no work, median of 200)")
 
 
 if __name__ == "__main__":
