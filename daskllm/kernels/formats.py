@@ -166,7 +166,6 @@ def to_device(w, xp):
 
 def half_to_float32(bits, kind: str):
     """uint16 bits -> float32, numpy or cupy (cupy has no bfloat16: widen the bits by hand)."""
-    xp = array_module(bits)
     if kind == "bfloat16":
         return (bits.astype(np.uint32) << 16).view(np.float32)
     return bits.view(np.float16).astype(np.float32)
