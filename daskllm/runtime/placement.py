@@ -29,8 +29,10 @@ def describe_hosts(workers: list) -> str:
 
 def peer_hint(error, workers: list) -> str:
     """'; its peer, local rank 1, is on worker W (host H)' for an error between ranks that names
-    its peer, so that a link cut or a host lost shows which host it is; '' otherwise."""
-    peer = getattr(error, "peer", None)
+    its peer, so that a link cut or a host lost shows which host it is; '' otherwise.
+
+    error: the exception, or the rest of a control reply after its message ([peer] or [])."""
+    peer = error[0] if isinstance(error, (list, tuple)) and error else getattr(error, "peer", None)
     if not isinstance(peer, int) or not 0 <= peer < len(workers):
         return ""
     return f"; its peer, local rank {peer}, is on worker {workers[peer]} (host {host_of(workers[peer])})"

@@ -77,7 +77,8 @@ class RankActor:
 
     def _on_control(self, message: list) -> list:
         """One control message: ["step", work, release] -> ["ok", {seq: token}, compute seconds];
-        any exception -> ["error", its type, its message] (the driver names the rank)."""
+        any exception -> ["error", its type, its message, the peer rank it names or None]
+        (the driver names the rank, and the peer's host)."""
         try:
             method, *args = message
             if method != "step":
@@ -86,7 +87,7 @@ class RankActor:
             chosen, seconds = self._step([work_from_wire(w) for w in work], release)
             return ["ok", chosen, seconds]
         except Exception as e:   # noqa: BLE001 - reported to the driver, which fails the step
-            return ["error", type(e).__name__, str(e)]
+            return ["error", type(e).__name__, str(e), getattr(e, "peer", None)]
 
     def _step(self, work: list, release: list) -> tuple:
         start = time.perf_counter()

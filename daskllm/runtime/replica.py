@@ -182,7 +182,7 @@ class Replica:
             if reply[0] == "ok":
                 results[r] = reply[1:]
             else:
-                fail(r, f"failed in {method}: {reply[1]}: {reply[2]}")
+                fail(r, f"failed in {method}: {reply[1]}: {reply[2]}{peer_hint(reply[3:], self.workers)}")
         if first_error is not None:
             self.alive = False
             for link in self._links:             # a stream may be mid-message: never reuse it
