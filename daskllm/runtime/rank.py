@@ -12,6 +12,7 @@ import os
 import time
 
 from .. import kernels
+from ..comm.base import CommError
 from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.formats import open_checkpoint
@@ -77,7 +78,7 @@ class RankActor:
 
     def _on_control(self, message: list) -> list:
         """One control message: ["step", work, release] -> ["ok", {seq: token}, compute seconds];
-        any exception -> ["error", its type, its message] (the driver names the rank)."""
+        any exception -> ["error", its type, its message, lost?] (the driver names the rank)."""
         try:
             method, *args = message
             if method != "step":
@@ -86,7 +87,8 @@ class RankActor:
             chosen, seconds = self._step([work_from_wire(w) for w in work], release)
             return ["ok", chosen, seconds]
         except Exception as e:   # noqa: BLE001 - reported to the driver, which fails the step
-            return ["error", type(e).__name__, str(e)]
+            # The last field: is this rank cut off (a collective failed), or did the step just raise?
+            return ["error", type(e).__name__, str(e), isinstance(e, (CommError, OSError, TimeoutError))]
 
     def _step(self, work: list, release: list) -> tuple:
         start = time.perf_counter()
