@@ -7,14 +7,18 @@ each prompt against the vocabulary and the context, and the sampling settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 
-from .engine.request import Request
-from .engine.router import Router
+from .engine.request import Request, TextDecoder
+from .engine.router import LLMClosedError, NoReplicaError, Router
 from .engine.scheduler import ReplicaEngine
-from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
+from .engine.validate import (as_prompts, budget_tokens, check_fits, check_int, check_prompt, check_real,
+                              check_seed, check_sequences, check_stop, kv_bytes_per_token, kv_reservation,
+                              one_prompt)
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
 from .kernels import DTYPES
@@ -24,8 +28,10 @@ from .parallel.build import check_weights_fit, format_rank_bytes, rank_weight_by
 from .parallel.mesh import Mesh
 from .parallel.plan import format_plan
 from .runtime import settings
-from .runtime.placement import check_checkpoint_on_workers, place, worker_table
+from .runtime.placement import check_checkpoint_on_workers, place, rank_counts, worker_table
 from .runtime.replica import Replica
+
+logger = logging.getLogger("daskllm")
 
 
 class LLM:
@@ -41,7 +47,12 @@ class LLM:
     dp, tp, sp, ep : int
         Replicas; tensor-, sequence- and expert-parallel ranks per replica.
     client, address : distributed.Client or str, optional
-        The cluster to use. Default: a LocalCluster with one worker per rank.
+        The cluster to use. Default: a LocalCluster with one worker per rank. A client that
+        the LLM makes (for `address=` or its own LocalCluster) is never made the default Dask
+        client, and is closed with the LLM. Connecting to `address` waits at most
+        `daskllm.connect-timeout`. New ranks go to the workers hosting the fewest daskllm
+        ranks (of any LLM); where ranks must share a worker, the KV budget divides that
+        worker's memory among them and a warning is logged.
     sp_variant : {"ring", "allgather", "ulysses"}
         How sequence-parallel ranks exchange keys and values in a prefill.
     ship_weights : bool
@@ -63,11 +74,18 @@ class LLM:
     >>> from daskllm import LLM
     >>> with LLM() as llm:                                          # doctest: +SKIP
     ...     print(llm.generate(["Hello"], max_new_tokens=8)[0].text)
+
+    All methods may be called from many threads at once. After `close()` every call raises
+    LLMClosedError, and requests it cut short fail with it.
     """
 
     def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
                  sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
                  progress=None, dtype="auto"):
+        self._closed = False
+        self._own_cluster = self._own_client = None
+        self.router = Router()
+        self.replicas = []
         self.path = os.path.abspath(str(default_model_path(model)))
         self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -82,11 +100,8 @@ class LLM:
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = open_tokenizer(self.checkpoint)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids
-        self._own_cluster = None
-        self.client = self._connect(client, address, security, threads_per_worker)
-        self.router = Router()
-        self.replicas = []
         try:
+            self.client = self._connect(client, address, security, threads_per_worker)
             self._start(progress)
         except BaseException:
             self.close()
@@ -99,14 +114,27 @@ class LLM:
         if client is not None:
             return client
         if address is not None:
-            return Client(address, security=security, direct_to_workers=True)
+            timeout = settings.get("connect-timeout")
+            try:
+                self._own_client = Client(address, security=security, direct_to_workers=True,
+                                          set_as_default=False, timeout=timeout)
+            except (OSError, TimeoutError, ValueError) as e:
+                hint = _tls_hint(address, security)
+                raise ConnectionError(
+                    f"could not reach a Dask scheduler at {address!r} within {timeout:g} s "
+                    f"(daskllm.connect-timeout): {type(e).__name__}: {e}. " + (hint or "Check that a scheduler "
+                    "runs there and the address is right (e.g. tcp://host:8786, tls://... for TLS clusters)")) from e
+            return self._own_client
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.mesh.world_size)
         self._own_cluster = LocalCluster(n_workers=self.mesh.world_size, threads_per_worker=threads,
                                          processes=True, dashboard_address=":0")
-        return Client(self._own_cluster, direct_to_workers=True)
+        # Private: the user's own Dask work must not land on this cluster.
+        self._own_client = Client(self._own_cluster, direct_to_workers=True, set_as_default=False)
+        return self._own_client
 
     def _start(self, progress):
-        placement = place(self.client, self.mesh)
+        load = rank_counts(self.client)                 # ranks of other LLMs on each worker
+        placement = place(self.client, self.mesh, load)
         if not self.ship_weights:
             check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
         memory = {addr: mem for addr, _, mem in worker_table(self.client)}
@@ -115,9 +143,16 @@ class LLM:
             check_weights_fit(rank_bytes, [memory[w] for w in ws], self.options["dtype"],
                               rank_weight_bytes(self.checkpoint, self.mesh, {**self.options, "dtype": "int8"}))
         per_token = kv_bytes_per_token(self.config, self.mesh)
-        budgets = [budget_tokens(min(memory[w] for w in ws), max(rank_bytes), per_token, self.mesh)
-                   for ws in placement]
+        self.shared_workers = {w: load[w] for ws in placement for w in ws if load.get(w)}
+        budgets = [min(budget_tokens(memory[w], max(rank_bytes), per_token, self.mesh, sharing=load.get(w, 0) + 1)
+                       for w in ws) for ws in placement]
         self.budget_tokens = min(budgets)
+        if self.shared_workers:
+            logger.warning(
+                "daskllm: %d worker(s) already host ranks of another LLM (%s); this LLM's ranks share them. "
+                "Its KV budget divides their memory among the ranks there, and calls to ranks on one worker "
+                "wait for each other (add workers to avoid this)", len(self.shared_workers),
+                ", ".join(f"{w}: {n}" for w, n in sorted(self.shared_workers.items())))
 
         loaded = []
 
@@ -139,85 +174,166 @@ class LLM:
     def _engine(self, replica) -> ReplicaEngine:
         # The step's token cap is per rank: sequence-parallel ranks each take 1/sp of the tokens.
         return ReplicaEngine(replica, self.budget_tokens, settings.get("max-batch-tokens") * self.mesh.sp,
-                             self.router.on_lost)
+                             self.router.on_lost, sp=self.mesh.sp)
 
     # -- requests ------------------------------------------------------------------------
 
+    def _check_open(self):
+        if self._closed:
+            raise LLMClosedError()
+
     def _requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop):
-        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer.json in the checkpoint directory")
-        base_seed = secrets.randbits(63) if seed is None else int(seed)
-        params = SamplingParams(float(temperature), int(top_k), float(top_p), base_seed)
+        """Every prompt checked and turned into a Request; nothing is queued unless all are good."""
+        self._check_open()
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        temperature, top_p = check_real("temperature", temperature), check_real("top_p", top_p)
+        top_k, seed = check_int("top_k", top_k, 0), check_seed(seed)
+        stop = check_stop(stop, self.tokenizer)
         requests = []
-        for p in prompts:
+        for p in as_prompts(prompts):
             ids = check_prompt(p, self.tokenizer, self.config, max_new_tokens)
-            check_fits(len(ids) + max_new_tokens, self.budget_tokens)
+            check_fits(len(ids) + max_new_tokens, self.budget_tokens,
+                       kv_reservation(len(ids) + max_new_tokens, self.mesh.sp, self._chunk))
+            # Without a seed each prompt draws its own: n samples of one prompt differ.
+            params = SamplingParams(temperature, top_k, top_p, secrets.randbits(63) if seed is None else seed)
             requests.append(Request(ids, params, max_new_tokens, () if ignore_eos else self.eos_ids, stop,
-                                    self.tokenizer.stream_decoder() if self.tokenizer else None))
+                                    TextDecoder(self.tokenizer) if self.tokenizer else None))
         return requests
 
+    @property
+    def _chunk(self) -> int:
+        return settings.get("max-batch-tokens") * self.mesh.sp
+
     def _submit(self, requests):
-        for r in requests:
-            self.router.submit(r)
+        try:
+            for r in requests:
+                self.router.submit(r)
+        except BaseException:
+            for r in requests:           # all or none: the ones already queued are called off
+                r.cancel()
+            raise
         return requests
 
     def submit(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                ignore_eos=False, stop=None) -> list:
-        """Queue prompts without waiting; a list of Request (`.wait()` -> RequestOutput, `.pieces()` streams)."""
+        """Queue prompts without waiting; a list of Request.
+
+        Each has `.wait(timeout=None)` -> RequestOutput, `.pieces()` (streamed text; replayable)
+        and `.cancel()` (same as `llm.abort(request)`).
+        """
         return self._submit(self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed,
                                            ignore_eos, stop))
 
     def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                  ignore_eos=False, stop=None) -> list:
-        """Generate for each prompt (a str, or a list of token ids); a list of RequestOutput.
+        """Generate for each prompt (a str, a list of token ids, or a NumPy integer array;
+        several as a list or a 2-D array); a list of RequestOutput.
 
-        temperature 0 is greedy; `seed` makes sampling repeatable (same seed, same tokens).
+        temperature 0 is greedy. `seed` makes sampling repeatable (same seed, same tokens; every
+        prompt of the call uses it); without one each prompt draws its own. `stop`: non-empty
+        strings; the text ends before the first one found. `text` is `tokenizer.decode(token_ids)`
+        (a final eos excluded; a trailing incomplete character shows as U+FFFD), cut before a
+        stop string, and equals the streamed pieces joined.
         """
         requests = self.submit(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop)
-        return [r.wait() for r in requests]
+        try:
+            return [r.wait() for r in requests]
+        finally:
+            for r in requests:           # after an error (or an interrupt) the others stop too
+                r.cancel()
 
     def stream(self, prompt, max_new_tokens=32, **kwargs):
-        """Yield the text of one prompt piece by piece as tokens are generated."""
-        (request,) = self._submit(self._requests([prompt] if isinstance(prompt, list) else prompt,
-                                                 max_new_tokens, **_sampling_kwargs(kwargs)))
-        yield from request.pieces()
+        """Yield the text of one prompt piece by piece as tokens are generated.
+
+        The prompt is checked at once; it is queued when iteration starts. Closing the iterator
+        (or leaving a `for` loop over it early) cancels the request and frees its KV cache.
+        """
+        (request,) = self._requests(one_prompt(prompt, "stream"), max_new_tokens, **_sampling_kwargs(kwargs))
+        return self._stream(request)
+
+    def _stream(self, request):
+        self._submit([request])
+        try:
+            yield from request.pieces()
+        finally:
+            request.cancel()             # no-op once it ended; otherwise the reader left
 
     async def agenerate(self, prompts, **kwargs) -> list:
-        """`generate` for asyncio code: awaits without blocking the event loop."""
+        """`generate` for asyncio code: awaits without blocking the event loop; cancelling the
+        task cancels its requests."""
         loop = asyncio.get_running_loop()
         requests = self._submit(self._requests(prompts, kwargs.pop("max_new_tokens", 32),
                                                **_sampling_kwargs(kwargs)))
-        return [await loop.run_in_executor(None, r.wait) for r in requests]
+        try:
+            return [await loop.run_in_executor(None, r.wait) for r in requests]
+        finally:
+            for r in requests:
+                r.cancel()
 
     async def astream(self, prompt, max_new_tokens=32, **kwargs):
-        """`stream` for asyncio code."""
+        """`stream` for asyncio code; cancelling the task (or closing the generator) cancels the request."""
+        (request,) = self._requests(one_prompt(prompt, "astream"), max_new_tokens, **_sampling_kwargs(kwargs))
         loop = asyncio.get_running_loop()
-        iterator = self.stream(prompt, max_new_tokens, **kwargs)
-        done = object()
-        while True:
-            piece = await loop.run_in_executor(None, next, iterator, done)
-            if piece is done:
-                return
-            yield piece
+        self._submit([request])
+        pieces, done = request.pieces(), object()
+        try:
+            while True:
+                piece = await loop.run_in_executor(None, next, pieces, done)
+                if piece is done:
+                    return
+                yield piece
+        finally:
+            request.cancel()             # also ends the pieces() wait of a thread still reading
+
+    def abort(self, requests) -> int:
+        """Cancel submitted requests (a Request or a list of them); how many were still running.
+
+        A cancelled request ends with finish_reason "cancelled" and the tokens so far; its
+        replica drops it and frees its KV cache at its next turn.
+        """
+        if isinstance(requests, Request):
+            requests = [requests]
+        return sum(bool(r.cancel()) for r in requests)
 
     def logits(self, sequences) -> list:
-        """float32 (len, vocab) logits of every position of each token-id list (a full forward)."""
-        seqs = [check_prompt(list(s), None, self.config, 0) for s in sequences]
+        """float32 (len, vocab) logits of every position of each token-id sequence (a full forward).
+
+        sequences: a list of token-id lists (or 1-D integer arrays), or a 2-D integer array.
+        It runs between the replica's steps, within its KV budget.
+        """
+        self._check_open()
+        seqs = check_sequences(sequences, self.config)
         live = self.router.alive()
         if not live:
-            raise RuntimeError("no live replica")
-        return live[0].replica.logits(seqs)
+            raise NoReplicaError(self.router._no_replica_message())
+        engine = min(live, key=lambda e: (e.outstanding(), e.index))
+        groups = [[]]                    # sequences that fit the KV budget together, one forward each
+        for s in seqs:
+            need = engine.reservation(len(s))
+            check_fits(len(s), engine.budget_tokens, need)
+            if groups[-1] and sum(n for _, n in groups[-1]) + need > engine.budget_tokens:
+                groups.append([])
+            groups[-1].append((s, need))
+        with self._closed_is_closed():
+            return [x for g in groups for x in engine.beside(
+                sum(n for _, n in g), lambda g=g: engine.replica.logits([s for s, _ in g]))]
+
+    @contextlib.contextmanager
+    def _closed_is_closed(self):
+        """A call cut short by a close() in another thread says so."""
+        try:
+            yield
+        except Exception as e:
+            if self._closed:
+                raise LLMClosedError() from e
+            raise
 
     def restore(self) -> list:
         """Re-create lost replicas on workers that host no live rank (e.g. restarted ones).
 
         Returns the indices of the replicas re-created. Requests keep flowing meanwhile.
         """
+        self._check_open()
         lost = sorted(self.router.lost)
         if not lost:
             return []
@@ -268,6 +384,7 @@ class LLM:
     def plan(self) -> str:
         """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank),
         then the weight bytes of each rank in the chosen dtype."""
+        self._check_open()
         text = format_plan(compose.full_plan(self.config, self.mesh, self.options))
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
@@ -279,8 +396,14 @@ class LLM:
         return rank_weight_bytes(self.checkpoint, self.mesh, self.options)
 
     def stats(self) -> list:
-        """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""
-        return [s for e in self.router.alive() for s in e.replica.stats()]
+        """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load.
+
+        memory: weights_bytes, cache_bytes (KV cache held now), cache_peak_bytes (the most it
+        held), live_sequences. The KV budget is a hard limit: cache_bytes never exceeds
+        daskllm.kv-cache-bytes (or the share of memory the fraction gives)."""
+        self._check_open()
+        with self._closed_is_closed():
+            return [s for e in self.router.alive() for s in e.replica.stats()]
 
     def comm_stats(self) -> list:
         return [s["comm"] for s in self.stats()]
@@ -289,19 +412,27 @@ class LLM:
         return [s.get("expert_load") for s in self.stats()]
 
     def reset_stats(self):
+        self._check_open()
         for e in self.router.alive():
             e.replica.reset_stats()
 
     # -- life-cycle ----------------------------------------------------------------------
 
     def close(self):
-        """Stop the engines, release the actors and connections (and the own LocalCluster)."""
+        """Stop the engines, fail the requests still queued or running (LLMClosedError), release
+        the actors and connections, and close the client and LocalCluster the LLM made.
+        Closing twice is harmless; every other call afterwards raises LLMClosedError."""
+        if self._closed:
+            return
+        self._closed = True
         self.router.close()
         for rep in self.replicas:
             rep.close()
         self.replicas = []
+        if self._own_client is not None:
+            self._own_client.close()
+            self._own_client = None
         if self._own_cluster is not None:
-            self.client.close()
             self._own_cluster.close()
             self._own_cluster = None
 
@@ -310,6 +441,15 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _tls_hint(address, security):
+    """What to change when TLS is on one side only (placement.tls_mismatch), else None."""
+    from .runtime.placement import tls_mismatch
+    try:
+        return tls_mismatch(address, security, timeout=2.0)
+    except (OSError, ValueError):       # an address it cannot parse or resolve: no hint
+        return None
 
 
 def _sampling_kwargs(kwargs) -> dict:

@@ -128,11 +128,14 @@ def test_a_frozen_single_rank_times_out_naming_it(cluster2):
 
 def test_a_failure_inside_a_rank_names_the_rank_and_the_error(cluster2):
     from daskllm.model.runner import Work
-    from daskllm.runtime.replica import ReplicaError
+    from daskllm.runtime.replica import RankCallError
     with LLM(golden_dir("llama"), client=cluster2) as llm:
         vocab = llm.config.vocab_size
-        with pytest.raises(ReplicaError, match=r"rank 0 \(replica 0\) on worker .* failed in step: IndexError"):
+        with pytest.raises(RankCallError, match=r"rank 0 \(replica 0\) on worker .* failed in step: IndexError"):
             llm.replicas[0].step([Work(12345, (vocab * 4,), 0)])   # a token id beyond the embedding
+        # an error the rank raised is that call's failure, not a lost rank (issue 18)
+        assert llm.replicas[0].alive
+        assert len(llm.generate([[1, 2]], max_new_tokens=2, ignore_eos=True)[0].token_ids) == 2
 
 
 def test_an_unknown_control_setting_is_refused(cluster2):

@@ -13,10 +13,18 @@ class NoReplicaError(RuntimeError):
     """No live replica is left to serve requests."""
 
 
+class LLMClosedError(RuntimeError):
+    """The LLM was closed: its requests were ended and it takes no more calls."""
+
+    def __init__(self, message="this LLM is closed; create a new LLM(...) to generate again"):
+        super().__init__(message)
+
+
 class Router:
     def __init__(self):
         self.engines = []
         self.lost = {}                 # replica index -> the error that ended it
+        self.closed = False
         self._lock = threading.Lock()
 
     def add(self, engine):
@@ -31,6 +39,8 @@ class Router:
         """Queue `request` on the least-loaded live replica."""
         while True:
             with self._lock:
+                if self.closed:
+                    raise LLMClosedError()
                 live = self.alive()
                 if not live:
                     raise NoReplicaError(self._no_replica_message())
@@ -46,10 +56,12 @@ class Router:
             self.lost[engine.index] = error
             self.engines = [e for e in self.engines if e is not engine]
         for req in requests:
+            if req.finished:           # cancelled meanwhile
+                continue
             req.retries += 1
             try:
                 self.submit(req)
-            except NoReplicaError as e:
+            except (NoReplicaError, LLMClosedError) as e:
                 req.fail(e)
 
     def _no_replica_message(self) -> str:
@@ -57,5 +69,9 @@ class Router:
         return "no live replica is left to serve requests" + (f" ({causes})" if causes else "")
 
     def close(self):
-        for e in list(self.engines):
-            e.close()
+        """End every engine; requests still queued or running fail with LLMClosedError."""
+        with self._lock:
+            self.closed = True
+            engines = list(self.engines)
+        for e in engines:
+            e.close(LLMClosedError())

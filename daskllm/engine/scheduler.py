@@ -2,9 +2,10 @@
 
 Each loop turn is one step of the replica: waiting requests join the running batch as
 the KV budget allows (their prompt is prefilled, in chunks if long), running ones decode
-one token, finished ones leave at once and their caches are freed in the next call.
-If the replica fails, its requests are handed back (prompt + tokens so far) to be re-run
-elsewhere.
+one token, finished or cancelled ones leave at once and their caches are freed with the
+next step, or by a release call of their own when no step follows.
+An error in one request fails that request only. If the replica is lost, its requests are
+handed back (prompt + tokens so far) to be re-run elsewhere.
 """
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import time
 from collections import deque
 
 from ..model.runner import Work
+from ..runtime.replica import ReplicaError
+from .validate import kv_reservation
 
 
 class ReplicaEngine:
-    """Drives one Replica; `submit` is thread-safe."""
+    """Drives one Replica; `submit`, `beside` and `close` are thread-safe."""
 
-    def __init__(self, replica, budget_tokens: int, max_batch_tokens: int, on_lost):
+    def __init__(self, replica, budget_tokens: int, max_batch_tokens: int, on_lost, sp: int = 1):
         self.replica = replica
         self.index = replica.index
         self.budget_tokens = budget_tokens
         self.max_batch_tokens = max_batch_tokens
+        self.sp = sp
         self.on_lost = on_lost               # on_lost(engine, requests, error): re-home them
         self.alive = True
         self.steps = 0
@@ -34,8 +38,11 @@ class ReplicaEngine:
         # (seconds of a loop turn, the slowest rank's compute in it): the control path's cost
         # is the difference (benchmarks/dask_tax.py)
         self.step_log = deque(maxlen=4096)
+        self._extra = 0                      # KV entries held by a call beside the loop (logits)
+        self._beside = threading.Lock()      # one such call at a time
         self._cond = threading.Condition()
         self._stop = False
+        self._closed_error = None            # what close() failed the requests with
         self._thread = threading.Thread(target=self._loop, name=f"daskllm-replica-{self.index}", daemon=True)
         self._thread.start()
 
@@ -43,11 +50,11 @@ class ReplicaEngine:
 
     def submit(self, request):
         with self._cond:
-            if not self.alive:
+            if not self.alive or self._stop:
                 raise RuntimeError(f"replica {self.index} is not alive")
             request.replica = self.index
             self._waiting.append(request)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def outstanding(self) -> int:
         """Tokens still to prefill or generate for everything queued or running here."""
@@ -55,25 +62,71 @@ class ReplicaEngine:
             reqs = list(self._waiting) + list(self._running.values())
         return sum(r.remaining_work - len(r.generated) for r in reqs)
 
-    def close(self):
+    def reservation(self, tokens: int) -> int:
+        """KV entries reserved for a sequence that will hold `tokens` (see validate.kv_reservation)."""
+        return kv_reservation(tokens, self.sp, self.max_batch_tokens)
+
+    def beside(self, entries: int, call):
+        """Run `call()` (a forward outside the batch, e.g. logits) once `entries` of KV budget are
+        free, holding them meanwhile; no request is admitted while it waits."""
+        with self._beside:
+            with self._cond:
+                self._extra = entries
+                try:
+                    while self._reserved() > self.budget_tokens:
+                        if not self.alive or self._stop:
+                            raise self._closed_error or RuntimeError(f"replica {self.index} is not alive")
+                        self._cond.wait(1.0)
+                except BaseException:
+                    self._extra = 0
+                    self._cond.notify_all()
+                    raise
+            try:
+                return call()
+            finally:
+                with self._cond:
+                    self._extra = 0
+                    self._cond.notify_all()
+
+    def close(self, error: BaseException | None = None):
+        """Stop the loop; fail every request still queued or running here with `error`."""
+        error = error or RuntimeError(f"replica {self.index} was closed")
         with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._stop, self._closed_error = True, error
+            requests = list(self._running.values()) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+            self._cond.notify_all()
+        for req in requests:
+            req.fail(error)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     # -- the loop ----------------------------------------------------------------------
 
     def _reserved(self) -> int:
-        return sum(r.remaining_work for r in self._running.values())
+        return self._extra + sum(self.reservation(r.remaining_work) for r in self._running.values())
 
     def _admit(self):
         """Move waiting requests into the running batch while the KV budget allows."""
-        while self._waiting and self._reserved() + self._waiting[0].remaining_work <= self.budget_tokens:
-            req = self._waiting.popleft()
-            if req.finished:
+        while self._waiting:
+            req = self._waiting[0]
+            if req.finished:                 # cancelled (or failed) while it waited
+                self._waiting.popleft()
                 continue
+            if self._reserved() + self.reservation(req.remaining_work) > self.budget_tokens:
+                return
+            self._waiting.popleft()
             self._running[req.id] = req
             self._fed[req.id] = 0
+
+    def _drop_finished(self):
+        """Running requests that ended (done, failed or cancelled) leave; their caches are freed."""
+        for seq in [s for s, r in self._running.items() if r.finished]:
+            del self._running[seq], self._fed[seq]
+            self._release.append(seq)
+            self.served += 1
+        self._cond.notify_all()
 
     def _decoding(self, req) -> bool:
         """All of its context is cached except the last generated token, which it feeds next."""
@@ -111,35 +164,59 @@ class ReplicaEngine:
                 self._waiting.clear()
             for req in requests:
                 req.fail(RuntimeError(f"replica {self.index}'s scheduler stopped: {type(error).__name__}: {error}"))
+            if self.on_lost is not None:
+                self.on_lost(self, [], error)    # recorded as lost, so restore() re-creates it
+            _close_quietly(self.replica)
 
     def _run(self):
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._release:
                     self._cond.wait()
                 if self._stop:
                     return
                 turn_start = time.perf_counter()
+                self._drop_finished()
                 self._admit()
                 work = self._plan_step()
                 release, self._release = self._release, []
+                if not work and not release:     # all waiting, the budget held by a call beside
+                    self._cond.wait(1.0)
+                    continue
             try:
-                chosen = self.replica.step(work, release)
-            except Exception as error:   # noqa: BLE001 - the replica is lost; its requests move on
+                chosen = self.replica.step(work, release) if work else self.replica.release(release)
+            except ReplicaError as error:   # a rank is lost or frozen: its requests move on
                 self._lost(error)
                 return
-            self.steps += 1
+            except Exception as error:      # noqa: BLE001 - the call failed, the ranks are fine
+                self._failed(work, release, error)
+                continue
+            self.steps += bool(work)
             with self._cond:
                 for w in work:
-                    self._fed[w.seq] = w.start + len(w.tokens)
-                for seq, token in chosen.items():
-                    req = self._running[seq]
-                    req.add_token(token)
-                for seq in [s for s, r in self._running.items() if r.finished]:
-                    del self._running[seq], self._fed[seq]
-                    self._release.append(seq)
-                    self.served += 1
-            self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+                    if w.seq in self._fed:
+                        self._fed[w.seq] = w.start + len(w.tokens)
+                for seq, token in (chosen or {}).items():
+                    req = self._running.get(seq)
+                    if req is None:
+                        continue
+                    try:
+                        req.add_token(token)
+                    except Exception as error:   # noqa: BLE001 - e.g. its decoder: this request only
+                        req.fail(RuntimeError(f"request {req.id} failed: {type(error).__name__}: {error}"))
+                self._drop_finished()
+            if work:
+                self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+
+    def _failed(self, work, release, error):
+        """A step that raised on the ranks fails the requests in it; their caches are freed."""
+        with self._cond:
+            for w in work:
+                req = self._running.get(w.seq)
+                if req is not None:
+                    req.fail(error)
+            self._release.extend(release)
+            self._drop_finished()
 
     def _lost(self, error):
         with self._cond:
@@ -147,4 +224,16 @@ class ReplicaEngine:
             requests = list(self._running.values()) + list(self._waiting)
             self._running.clear()
             self._waiting.clear()
+            self._cond.notify_all()
         self.on_lost(self, [r for r in requests if not r.finished], error)
+        _close_quietly(self.replica)
+
+
+def _close_quietly(replica):
+    """Free what is left of a lost replica (its surviving actors), never raising."""
+    try:
+        close = getattr(replica, "close", None)
+        if close is not None:
+            close()
+    except Exception:   # noqa: BLE001 - best effort: some ranks are gone
+        pass

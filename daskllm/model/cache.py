@@ -11,6 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def capacity_for(entries: int) -> int:
+    """The capacity a sequence's cache grows to when it must hold `entries`: the driver
+    reserves this much per sequence, so the sum stays within the budget."""
+    return entries + max(16, entries // 4)
+
+
 class CacheFullError(MemoryError):
     """Storing more would exceed the cache budget of this rank."""
 
@@ -35,6 +41,7 @@ class KVCache:
         self.budget_bytes = budget_bytes
         self._seqs: dict = {}
         self.bytes_reserved = 0
+        self.peak_bytes = 0            # the most bytes_reserved reached (reset with reset_peak)
 
     def __contains__(self, seq_id):
         return seq_id in self._seqs
@@ -55,8 +62,8 @@ class KVCache:
         n_new = k.shape[1]
         used = seq.length[layer]
         if seq.k[layer] is None or used + n_new > seq.k[layer].shape[1]:
-            need = used + n_new        # room for this chunk plus a quarter: a long prefill wastes little
-            self._grow(seq, layer, k.shape[0], k.shape[2], need + max(16, need // 4))
+            # room for this chunk plus a quarter: a long prefill wastes little
+            self._grow(seq, layer, k.shape[0], k.shape[2], capacity_for(used + n_new))
         seq.k[layer][:, used:used + n_new] = k
         seq.v[layer][:, used:used + n_new] = v
         seq.pos[layer][used:used + n_new] = pos
@@ -96,3 +103,4 @@ class KVCache:
             k[:, :used], v[:, :used], pos[:used] = old_k[:, :used], old_v[:, :used], old_pos[:used]
         seq.k[layer], seq.v[layer], seq.pos[layer] = k, v, pos
         self.bytes_reserved += new_bytes - old_bytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes_reserved)

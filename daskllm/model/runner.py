@@ -83,4 +83,5 @@ class ModelRunner:
 
     def memory(self) -> dict:
         return {"weights_bytes": self.model.weights.nbytes(), "cache_bytes": self.cache.bytes_reserved,
+                "cache_peak_bytes": self.cache.peak_bytes,
                 "live_sequences": len(self.cache.seq_ids())}

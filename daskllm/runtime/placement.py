@@ -50,16 +50,26 @@ def _takes_n_workers(client) -> bool:
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def place(client, mesh: Mesh) -> list:
-    """One worker per rank: [[worker of each rank] for each replica]."""
-    workers = [w[0] for w in worker_table(client)]
-    if mesh.world_size > len(workers):
+def rank_counts(client) -> dict:
+    """{worker: daskllm ranks it hosts now} (the rank actors of every LLM on the cluster)."""
+    return {w: sum(str(k).startswith("daskllm-rank-") for k in keys) for w, keys in client.has_what().items()}
+
+
+def place(client, mesh: Mesh, load=None) -> list:
+    """One worker per rank: [[worker of each rank] for each replica].
+
+    The workers hosting the fewest ranks (`load`: {worker: ranks}) come first; among equals
+    the table's host order is kept, so a replica's ranks stay on one host where they can."""
+    load = load or {}
+    table = [w[0] for w in worker_table(client)]
+    if mesh.world_size > len(table):
         where = f" at {client.scheduler.address}" if getattr(client, "scheduler", None) is not None else ""
         raise TooFewWorkers(
             f"the mesh {mesh} needs {mesh.world_size} workers (one rank per worker) but the cluster has "
-            f"{len(workers)}{where}: " + (f"workers on {describe_hosts(workers)}" if workers else "no workers yet")
+            f"{len(table)}{where}: " + (f"workers on {describe_hosts(table)}" if table else "no workers yet")
             + "; start more workers (cluster/ssh.sh starts one per host), wait for them "
             "(client.wait_for_workers), or shrink dp/tp/sp")
+    workers = sorted(table, key=lambda w: load.get(w, 0))     # stable: host order among equals
     size = mesh.replica_size
     return [workers[d * size:(d + 1) * size] for d in range(mesh.dp)]
 

@@ -12,6 +12,7 @@ import os
 import time
 
 from .. import kernels
+from ..comm.base import CommError
 from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.formats import open_checkpoint
@@ -77,7 +78,7 @@ class RankActor:
 
     def _on_control(self, message: list) -> list:
         """One control message: ["step", work, release] -> ["ok", {seq: token}, compute seconds];
-        any exception -> ["error", its type, its message, the peer rank it names or None]
+        any exception -> ["error", its type, its message, lost?, the peer rank it names or None]
         (the driver names the rank, and the peer's host)."""
         try:
             method, *args = message
@@ -87,7 +88,9 @@ class RankActor:
             chosen, seconds = self._step([work_from_wire(w) for w in work], release)
             return ["ok", chosen, seconds]
         except Exception as e:   # noqa: BLE001 - reported to the driver, which fails the step
-            return ["error", type(e).__name__, str(e), getattr(e, "peer", None)]
+            # lost?: is this rank cut off (a collective failed), or did the step just raise?
+            return ["error", type(e).__name__, str(e), isinstance(e, (CommError, OSError, TimeoutError)),
+                    getattr(e, "peer", None)]
 
     def _step(self, work: list, release: list) -> tuple:
         start = time.perf_counter()

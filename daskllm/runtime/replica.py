@@ -5,13 +5,21 @@ to each other directly, loads the shards, and opens one control connection from 
 driver to each rank. A step is then one msgpack message per rank over those connections
 (a socket round trip, not a Dask actor call); everything else (stats, logits, close) is
 one actor call per rank. Calls are sent to all ranks at once and awaited with a timeout;
-a failure names the rank and its worker. Calls that touch the ranks' models are made one
-at a time, so every rank sees them in the same order.
+a failure names the rank and its worker.
+
+Calls are ordered: a replica runs one driver call at a time (steps from its scheduler,
+logits and stats from callers' threads), so every rank sees the calls, and enters their
+collectives, in the same order.
+Errors are classified: a rank that is gone, frozen or cut off from its peers loses the
+replica (ReplicaError); an exception raised by the method on every rank alike is that
+call's failure (RankCallError) and the replica serves on.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from concurrent.futures import CancelledError
 
 from ..comm.base import CommError
 from ..comm.control import ControlLink
@@ -30,6 +38,34 @@ class ReplicaError(RuntimeError):
         self.replica, self.rank, self.worker = replica, rank, worker
 
 
+class RankCallError(RuntimeError):
+    """A driver call raised on the ranks (the caller's error or a bug); the ranks are still in step."""
+
+    def __init__(self, message, replica=None, rank=None, worker=None, error=None):
+        super().__init__(message)
+        self.replica, self.rank, self.worker, self.error = replica, rank, worker, error
+
+
+def _means_lost(error: BaseException) -> bool:
+    """A worker gone, frozen or unreachable, or a collective that failed between ranks."""
+    return isinstance(error, (TimeoutError, CommError, OSError, CancelledError))
+
+
+def _ordered(method):
+    """Run a driver call under the replica's order lock (see the module docstring)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        wait = 2 * settings.get("step-timeout")
+        if not self._order.acquire(timeout=wait):
+            raise ReplicaError(f"replica {self.index}: another driver call held its ranks for over {wait:.0f} s",
+                               self.index)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._order.release()
+    return call
+
+
 class Replica:
     """Ranks [first_rank, first_rank + tp*sp) of `mesh`, on `workers` (one per rank)."""
 
@@ -40,8 +76,9 @@ class Replica:
         self.first_rank = index * mesh.replica_size
         self.alive = True
         self._actors = []
+        self._futures = []
         self._links = []                 # control connections, rank order (empty: steps are actor calls)
-        self._model_lock = threading.Lock()
+        self._order = threading.Lock()   # one driver call at a time (see the module docstring)
         self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
         mesh_tuple = (mesh.dp, mesh.tp, mesh.sp, mesh.ep)
         control = settings.get("control")
@@ -53,7 +90,10 @@ class Replica:
                                      key=f"daskllm-rank-{self.first_rank + r}-{time.time_ns()}")
                        for r, w in enumerate(self.workers)]
             self._futures = futures
-            self._actors = [f.result(timeout=settings.get("connect-timeout")) for f in futures]
+            # An actor binds to the current client as it arrives: make it this one, which need
+            # not be the default client (an LLM's private client never is).
+            with client.as_current():
+                self._actors = [f.result(timeout=settings.get("connect-timeout")) for f in futures]
             if len(self._actors) > 1:
                 addresses = dict(enumerate(self._call("listen", timeout=settings.get("connect-timeout"))))
                 self._call("connect", addresses, settings.get("connect-timeout"),
@@ -128,7 +168,7 @@ class Replica:
         timeout = settings.get("step-timeout") if timeout is None else timeout
         deadline = time.monotonic() + timeout
         pending = [getattr(actor, method)(*args) for actor in self._actors]
-        results, first_error = [], None
+        results, failures = [], []
         for r, fut in enumerate(pending):
             try:
                 results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
@@ -136,18 +176,24 @@ class Replica:
                     each(results[-1])
             except Exception as e:   # noqa: BLE001 - every failure is reported with its rank
                 results.append(None)
-                if isinstance(e, TimeoutError) and not isinstance(e, CommError):
-                    what = f"did not answer within {timeout:.0f} s in {method} (frozen or overloaded worker?)"
-                else:
-                    what = f"failed in {method}: {type(e).__name__}: {e}{peer_hint(e, self.workers)}"
-                error = ReplicaError(f"{self._describe(r)} {what}", self.index, self.first_rank + r, self.workers[r])
-                first_error = first_error or error
+                failures.append((r, e))
                 if isinstance(e, TimeoutError):
                     deadline = time.monotonic()      # no point waiting the full timeout again per rank
-        if first_error is not None:
-            self.alive = False
-            raise first_error
-        return results
+        if not failures:
+            return results
+        lost = [(r, e) for r, e in failures if _means_lost(e)]
+        r, e = (lost or failures)[0]
+        if isinstance(e, TimeoutError) and not isinstance(e, CommError):
+            what = f"did not answer within {timeout:.0f} s in {method} (frozen or overloaded worker?)"
+        else:
+            what = f"failed in {method}: {type(e).__name__}: {e}{peer_hint(e, self.workers)}"
+        where = (self.index, self.first_rank + r, self.workers[r])
+        if not lost and len(failures) == len(self._actors):
+            # Raised by the method itself on every rank: the ranks stayed in step, so this call failed, not them.
+            raise RankCallError(f"{self._describe(r)} {what}", *where, error=e) from e
+        # A rank is gone or frozen, or some ranks answered while others raised: their states may differ.
+        self.alive = False
+        raise ReplicaError(f"{self._describe(r)} {what}", *where) from e
 
     def _control_call(self, message: list, method: str) -> list:
         """`message` to every rank over its control connection; their answers in rank order."""
@@ -155,7 +201,7 @@ class Replica:
             raise ReplicaError(f"replica {self.index} was lost earlier", self.index)
         timeout = settings.get("step-timeout")
         deadline = time.monotonic() + timeout
-        results, first_error = [None] * len(self._links), None
+        results, first_error, raised = [None] * len(self._links), None, []
 
         def fail(r, what):
             nonlocal first_error
@@ -181,8 +227,16 @@ class Replica:
                 continue
             if reply[0] == "ok":
                 results[r] = reply[1:]
+            elif len(reply) > 3 and not reply[3]:     # the method raised, its rank is fine
+                raised.append((r, f"failed in {method}: {reply[1]}: {reply[2]}"))
             else:
-                fail(r, f"failed in {method}: {reply[1]}: {reply[2]}{peer_hint(reply[3:], self.workers)}")
+                fail(r, f"failed in {method}: {reply[1]}: {reply[2]}{peer_hint(reply[4:], self.workers)}")
+        if first_error is None and raised and len(raised) == len(self._links):
+            # Every rank raised and answered once: the links and ranks are still in step.
+            r, what = raised[0]
+            raise RankCallError(f"{self._describe(r)} {what}", self.index, self.first_rank + r, self.workers[r])
+        if first_error is None and raised:
+            fail(*raised[0])                     # some ranks raised, others stepped: they may differ now
         if first_error is not None:
             self.alive = False
             for link in self._links:             # a stream may be mid-message: never reuse it
@@ -190,42 +244,55 @@ class Replica:
             raise first_error
         return results
 
+    @_ordered
     def step(self, work: list, release=()) -> dict:
         """Free the caches of `release`, then run one step; {seq: next token}."""
-        with self._model_lock:
-            if self._links:
-                answers = self._control_call(["step", [work_to_wire(w) for w in work], list(release)], "step")
-            else:
-                answers = self._call("step", work, list(release))
+        if self._links:
+            answers = self._control_call(["step", [work_to_wire(w) for w in work], list(release)], "step")
+        else:
+            answers = self._call("step", work, list(release))
         self.last_compute = max(seconds for _, seconds in answers)
         return answers[0][0]
 
+    @_ordered
     def logits(self, sequences: list) -> list:
-        with self._model_lock:
-            return self._call("logits", sequences)[0]
+        return self._call("logits", sequences)[0]
 
+    @_ordered
     def release(self, seq_ids: list):
-        with self._model_lock:
-            self._call("release", list(seq_ids))
+        self._call("release", list(seq_ids))
 
+    @_ordered
     def stats(self) -> list:
         return self._call("stats", timeout=settings.get("connect-timeout"))
 
+    @_ordered
     def reset_stats(self):
         self._call("reset_stats", timeout=settings.get("connect-timeout"))
 
     def close(self):
         """Close connections and release the actors (best effort: some ranks may be gone)."""
-        if self._actors and self.alive:
-            try:
-                self._call("close", timeout=10)
-            except Exception:   # noqa: BLE001 - closing a broken replica must not raise
-                pass
-        self.alive = False
-        for link in self._links:
-            link.close()
-        self._links = []
-        for f in getattr(self, "_futures", []):
-            f.release()
-        self._actors = []
-        self._futures = []
+        ordered = self._order.acquire(timeout=settings.get("step-timeout"))   # after a call in flight
+        try:
+            if self._actors and self.alive:
+                try:
+                    self._call("close", timeout=10)
+                except Exception:   # noqa: BLE001 - closing a broken replica must not raise
+                    pass
+            self.alive = False
+            for link in self._links:
+                link.close()
+            self._links = []
+            futures, self._futures, self._actors = self._futures, [], []
+            if futures:
+                # Cancel, not just release: each actor call leaves a reference cycle inside
+                # distributed that holds the actor's future until a garbage collection.
+                try:
+                    self.client.cancel(futures)
+                except Exception:   # noqa: BLE001 - a closed client has let go of them already
+                    pass
+                for f in futures:
+                    f.release()
+        finally:
+            if ordered:
+                self._order.release()
