@@ -12,6 +12,7 @@ import threading
 import time
 
 import dask
+import numpy as np
 import pytest
 from conftest import golden_dir
 
@@ -191,3 +192,28 @@ def test_chaos_random_kills_lose_and_change_no_request(reference, capsys):
     finally:
         client.close()
         cluster.close()
+
+
+def test_a_rank_of_a_stale_incarnation_is_turned_away():
+    """A frozen rank that wakes up and dials its old peer's address cannot join the new incarnation."""
+    from daskllm.comm.base import CommTimeout
+    from daskllm.comm.tcp import TcpTransport
+    new0, stale1 = TcpTransport(0, 2, group="0.new", timeout=5), TcpTransport(1, 2, group="0.old", timeout=5)
+    new1 = TcpTransport(1, 2, group="0.new", timeout=5)
+    try:
+        address = new0.listen()
+        stale1.listen(), new1.listen()
+        stale = threading.Thread(target=lambda: stale1.connect({0: address}, timeout=5))
+        stale.start()
+        stale.join()
+        with pytest.raises(CommTimeout, match=r"rank 0: ranks \[1\] did not connect within 1"):
+            new0.connect({}, timeout=1)              # the stale hello was refused; rank 1 is still missing
+        joined = threading.Thread(target=lambda: new1.connect({0: address}, timeout=5))
+        joined.start()
+        new0.connect({}, timeout=5)
+        joined.join()
+        new1.send(0, "x", [np.arange(3)])
+        assert new0.recv(1, "x", timeout=5)[0].tolist() == [0, 1, 2]
+    finally:
+        for t in (new0, stale1, new1):
+            t.close()
