@@ -107,6 +107,7 @@ class Recovery:
             if left <= 0:
                 break
             workers = self._free_workers(old_workers)
+            logger.debug("daskllm: rebuilding replica %d: healthy free workers %s", index, workers)
             if len(workers) >= self.size:
                 attempts += 1
                 chosen = workers[:self.size]
