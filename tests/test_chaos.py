@@ -23,7 +23,7 @@ MODEL = golden_dir("llama")
 PROMPTS = [[3 + i, 7 + 2 * i, 11 + 3 * i] + list(range(20, 20 + 3 * i)) for i in range(9)]
 NEW = 16
 FAULTS = {"daskllm.step-timeout": 8, "daskllm.comm-timeout": 3,
-          "daskllm.rebuild-timeout": 60}
+          "daskllm.rebuild-timeout": 180}
 
 
 def _cluster(n):

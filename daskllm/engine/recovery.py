@@ -27,7 +27,8 @@ from ..runtime import settings
 
 logger = logging.getLogger("daskllm")
 
-PROBE_TIMEOUT = 3.0     # s: a healthy worker runs a no-op task well within this
+PROBE_TIMEOUT = 10.0    # s: a healthy worker runs a no-op task well within this, even on a loaded
+                        #    machine (measured: 3 s was too short at a load average of 50 on 2 cores)
 RETRY_PAUSE = 0.5       # s: between attempts while no free workers are there yet
 
 
