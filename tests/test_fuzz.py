@@ -262,7 +262,7 @@ def test_nan_weights_fail_the_load_naming_tensor_and_rank_and_the_workers_serve_
 def test_bad_prompts_are_refused_before_any_worker_is_touched(llm, reference, prompt, message):
     steps = sum(e.steps for e in llm.router.engines)
     with pytest.raises(RequestError, match=message):
-        llm.generate(prompt, max_new_tokens=4)
+        llm.generate([prompt], max_new_tokens=4)        # a list of one prompt: no ambiguity about []
     assert sum(e.steps for e in llm.router.engines) == steps
     _still_serving(llm, reference)
 
