@@ -13,6 +13,7 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 
+from .engine.recovery import Recovery
 from .engine.request import Request, TextDecoder
 from .engine.router import LLMClosedError, NoReplicaError, Router
 from .engine.scheduler import ReplicaEngine
@@ -170,6 +171,8 @@ class LLM:
                 self.replicas.append(f.result())
         for rep in self.replicas:
             self.router.add(self._engine(rep))
+        # A lost replica is rebuilt on free workers without the caller asking (daskllm.rebuild-timeout).
+        self.router.recovery = Recovery(self.client, self.router, self._rebuild, self.mesh.replica_size)
 
     def _engine(self, replica) -> ReplicaEngine:
         # The step's token cap is per rank: sequence-parallel ranks each take 1/sp of the tokens.
@@ -331,26 +334,23 @@ class LLM:
     def restore(self) -> list:
         """Re-create lost replicas on workers that host no live rank (e.g. restarted ones).
 
-        Returns the indices of the replicas re-created. Requests keep flowing meanwhile.
+        Lost replicas are rebuilt without asking while daskllm.rebuild-timeout allows; this is
+        for the rest (the setting is 0, or their rebuild ran out of time). Returns the indices
+        of the replicas re-created. Requests keep flowing meanwhile.
         """
         self._check_open()
-        lost = sorted(self.router.lost)
+        lost = sorted(set(self.router.lost) - self.router.rebuilding())
         if not lost:
             return []
-        busy = {w for e in self.router.alive() for w in e.replica.workers}
+        busy = self.router.busy_workers()
         free = [w for w, _, _ in worker_table(self.client) if w not in busy]
         size = self.mesh.replica_size
         if len(free) < size * len(lost):
             raise RuntimeError(
                 f"restoring replicas {lost} needs {size * len(lost)} free workers, the cluster has {len(free)}; "
                 "wait for workers to come back or add some")
-        if not self.ship_weights:
-            check_checkpoint_on_workers(self.client, free[:size * len(lost)], self.path)
         for i, d in enumerate(lost):
-            rep = Replica(self.client, d, free[i * size:(i + 1) * size], self.mesh, self.path, self.options,
-                          ship_from=self.checkpoint if self.ship_weights else None)
-            self.replicas = [r for r in self.replicas if r.index != d] + [rep]
-            self.router.add(self._engine(rep))
+            self.router.add(self._rebuild(d, free[i * size:(i + 1) * size]))
         return lost
 
     # -- chat (issue 12: the template is io.chat's; these methods only render and delegate) ------
@@ -378,6 +378,18 @@ class LLM:
         if stream:
             return self.stream(ids, max_new_tokens, **kwargs)
         return self.generate([ids], max_new_tokens, **_sampling_kwargs(kwargs))[0].text
+
+    def _rebuild(self, index: int, workers: list) -> ReplicaEngine:
+        """Replica `index` started afresh on `workers`, and its engine (not yet routed to)."""
+        if not self.ship_weights:
+            check_checkpoint_on_workers(self.client, workers, self.path)
+        rep = Replica(self.client, index, workers, self.mesh, self.path, self.options,
+                      ship_from=self.checkpoint if self.ship_weights else None)
+        old = [r for r in self.replicas if r.index == index]
+        self.replicas = [r for r in self.replicas if r.index != index] + [rep]
+        for r in old:
+            r.close()            # releases the lost incarnation's actors
+        return self._engine(rep)
 
     # -- inspection ----------------------------------------------------------------------
 

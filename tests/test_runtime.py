@@ -15,7 +15,8 @@ from daskllm.engine.router import NoReplicaError
 
 pytestmark = pytest.mark.cluster
 
-FAST_TIMEOUTS = {"daskllm.step-timeout": 8, "daskllm.comm-timeout": 3}
+# No rebuild: these tests watch the loss itself (tests/test_chaos.py watches the rebuild).
+FAST_TIMEOUTS = {"daskllm.step-timeout": 8, "daskllm.comm-timeout": 3, "daskllm.rebuild-timeout": 0}
 
 
 @pytest.fixture

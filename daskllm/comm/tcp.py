@@ -15,6 +15,8 @@ leaves the stream intact. A rank drains its sockets only while one of its
 threads is inside the transport, so a send larger than the socket buffers
 completes once the peer enters a comm call (every collective does).
 Rank i dials every rank j < i and says hello with its rank; higher ranks are accepted.
+The hello carries the transport's group (e.g. one replica incarnation): a rank of
+another group, such as a frozen rank of a lost replica that wakes up, is turned away.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class TcpTransport(Transport):
     """
 
     def __init__(self, rank: int, world_size: int, *, ssl_listen=None, ssl_connect=None, timeout=30.0,
-                 spin=0.0):
+                 spin=0.0, group: str = "-"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if (ssl_listen is None) != (ssl_connect is None):
@@ -52,6 +54,9 @@ class TcpTransport(Transport):
         self.ssl_listen, self.ssl_connect = ssl_listen, ssl_connect
         self.timeout = timeout  # also the longest a send may make no progress
         self.spin = spin        # seconds a receiver polls without sleeping before it blocks
+        if not group or any(c.isspace() for c in group):
+            raise ValueError(f"group must be a non-empty word, got {group!r}")
+        self.group = group      # only ranks of the same group may connect
         self.inbox = Inbox(rank)  # waits on ranks without a connection (this rank itself)
         self._listener: socket.socket | None = None
         self._conns: dict[int, _Conn] = {}
@@ -114,7 +119,7 @@ class TcpTransport(Transport):
                 conn = _Conn(sock)
                 if self.ssl_connect is not None:
                     conn = _tls_handshake(sock, self.ssl_connect, False, address[0], deadline)
-                _send_blocking(conn, _frame(f"hello {self.rank} {self.world_size}", []))
+                _send_blocking(conn, _frame(f"hello {self.rank} {self.world_size} {self.group}", []))
                 self._add(peer, conn)
                 return
             except (ConnectionRefusedError, ConnectionResetError) as e:
@@ -150,8 +155,11 @@ class TcpTransport(Transport):
             if self.ssl_listen is not None:
                 conn = _tls_handshake(sock, self.ssl_listen, True, None, deadline)
             tag, _ = conn.read_frame_blocking(deadline)
-            word, peer, world = tag.split()
+            word, peer, world, group = tag.split()
             peer, world = int(peer), int(world)
+            if word == "hello" and group != self.group:
+                sock.close()             # a rank of another group (a stale incarnation): turned away
+                return
             if word != "hello" or world != self.world_size or peer not in missing:
                 raise ValueError(f"unexpected hello {tag!r} (world {self.world_size}, expecting ranks {missing})")
         except (OSError, EOFError, ValueError, ssl.SSLError) as e:

@@ -82,7 +82,7 @@ def check_prompt(prompt, tokenizer, cfg, max_new_tokens: int) -> list:
     if isinstance(prompt, str):
         if tokenizer is None:
             raise RequestError("text prompts need a tokenizer.json in the checkpoint; pass token ids instead")
-        ids = tokenizer.encode(prompt)
+        ids = encode_text(prompt, tokenizer, cfg)
     elif isinstance(prompt, (bytes, bytearray)):
         raise RequestError(f"{_PROMPT}; got {type(prompt).__name__}: decode text first (data.decode('utf-8')), "
                            "or pass list(data) if the bytes are token ids")
@@ -109,6 +109,22 @@ def check_prompt(prompt, tokenizer, cfg, max_new_tokens: int) -> list:
         raise RequestError(
             f"prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} = {len(ids) + max_new_tokens} "
             f"exceeds the model's context of {cfg.max_position} tokens (max_position_embeddings)")
+    return ids
+
+
+def encode_text(text: str, tokenizer, cfg) -> list:
+    """Token ids of a text prompt; refused if the text is not valid Unicode or the tokenizer
+    yields ids the model does not have (a tokenizer.json that does not match config.json)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"prompt text is not valid Unicode: {e.reason} ({text[e.start:e.end]!r} at position "
+                           f"{e.start}); decode bytes with errors='replace' first") from None
+    ids = tokenizer.encode(text)
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise RequestError(f"the tokenizer turned the prompt into token id {bad[0]}, outside the model's vocabulary "
+                           f"(0..{cfg.vocab_size - 1}): tokenizer.json does not match config.json's vocab_size")
     return ids
 
 

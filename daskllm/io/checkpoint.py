@@ -14,14 +14,11 @@ import numpy as np
 from safetensors import safe_open
 
 from ..model.config import ModelConfig
+from .integrity import CheckpointError, check_finite, check_header
 from .names import expected_shapes, hf_to_ours, is_ignored, ours_to_hf
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """The checkpoint on disk is not what its config says, or is not safetensors."""
 
 
 def refuse_pickle(path: Path):
@@ -52,8 +49,8 @@ class Checkpoint:
         if not (self.path / "config.json").exists():
             raise CheckpointError(f"{self.path} has no config.json; a Hugging Face checkpoint directory is expected")
         self.config = config or ModelConfig.from_file(self.path / "config.json")
-        self.files = self._weight_files()
         self._handles: dict = {}
+        self.files = self._weight_files()
         self.entries = self._scan_headers()     # our name -> (file, hf name, shape, dtype)
         self.validate()
 
@@ -74,13 +71,13 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} holds no model*.safetensors file (and no {INDEX_NAME})")
         names = {}
         for f in files:
-            with safe_open(f, framework="np") as h:
-                names.update({k: f for k in h.keys()})
+            names.update({k: f for k in self._handle(f).keys()})
         return names
 
     def _handle(self, file: Path):
         h = self._handles.get(file)
         if h is None:
+            check_header(file)           # a damaged file is refused with its name and what is wrong
             h = self._handles[file] = safe_open(file, framework="np")
         return h
 
@@ -146,6 +143,7 @@ class Checkpoint:
         file, hf_name, shape, _ = self.entries[name]
         tensor = self._handle(file).get_slice(hf_name)
         data = tensor[index] if index is not None else tensor[tuple(slice(None) for _ in shape)]
+        check_finite(data, hf_name, file, index)
         return np.ascontiguousarray(data, dtype=dtype)
 
     def close(self):

@@ -66,7 +66,8 @@ class RankActor:
             listen_ctx, connect_ctx = tls_contexts_from_security(worker.security)
         self.transport = TcpTransport(self.local_rank, self.replica_mesh.world_size,
                                       ssl_listen=listen_ctx, ssl_connect=connect_ctx, timeout=self.comm_timeout,
-                                      spin=self.options.get("comm_spin", 0.0))
+                                      spin=self.options.get("comm_spin", 0.0),
+                                      group=self.options.get("epoch", "-"))
         return self.transport.listen(_worker_host(worker))
 
     def open_control(self, accept_timeout: float) -> tuple:

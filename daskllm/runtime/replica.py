@@ -17,6 +17,7 @@ call's failure (RankCallError) and the replica serves on.
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -77,6 +78,10 @@ class Replica:
         self.alive = True
         self._actors = []
         self._futures = []
+        # This incarnation's epoch: its ranks connect only to each other, never to a rank of an
+        # earlier incarnation of the same replica that wakes up late (engine.recovery).
+        self.epoch = f"{index}.{secrets.token_hex(8)}"
+        options = {**options, "epoch": self.epoch}
         self._links = []                 # control connections, rank order (empty: steps are actor calls)
         self._order = threading.Lock()   # one driver call at a time (see the module docstring)
         self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
