@@ -1,12 +1,14 @@
 """The one place where the server touches the engine: submit, wait, stream, abort, chat prompts.
 
-Two pieces of the engine are being finished elsewhere, and this module stands in for them
-so the switch is made here alone:
-- aborting a request (issue 18's public `abort`): until then `abort` fails the request and
-  asks its replica's engine to drop it (`ReplicaEngine.abort`), which frees its KV cache;
-- chat templates (issue 12's `daskllm.io.chat`): until then `ChatTemplate` reads the
-  `chat_template` of the checkpoint's tokenizer_config.json and renders it with jinja2 in a
-  sandbox, the way transformers' `apply_chat_template` does.
+Two pieces of the engine are being finished elsewhere (issues 18 and 12); this module
+stands in for them, and takes theirs where it finds them, so the switch is made here alone:
+- aborting a request: `request.cancel()` (issue 18) where Request has it; otherwise the
+  request is failed and its replica's engine drops it (`ReplicaEngine.abort`), which frees
+  its KV cache;
+- chat templates: the tokenizer's `chat_template` (issue 12: from GGUF metadata or
+  tokenizer_config.json) where the tokenizer has one, else tokenizer_config.json's; rendered
+  by `ChatTemplate` here with jinja2 in a sandbox, as transformers' `apply_chat_template`
+  does (io.chat.ChatTemplate of issue 12 can replace it).
 
 Waiting is done in a thread pool of the server's own, never on the event loop: each active
 choice holds one thread blocked on its request's pieces until they end or it is aborted.
@@ -84,10 +86,17 @@ class Engine:
         """Stop `request` if it is still running and free its KV cache on the ranks."""
         if request.finished:
             return
+        if hasattr(request, "cancel"):      # issue 18's API: the engine drops it and frees its cache
+            request.cancel()
+            return
         request.fail(RequestAborted(f"request {request.id} was aborted"))   # ends any waiter at once
         for engine in self.llm.router.alive():
             if engine.index == request.replica:
                 engine.abort(request)
+
+    @staticmethod
+    def was_aborted(request) -> bool:
+        return request.finish_reason == "cancelled" or isinstance(request.error, RequestAborted)
 
     # -- state, for /health and /metrics -----------------------------------------------
 
@@ -114,16 +123,30 @@ class Engine:
 
     # -- chat --------------------------------------------------------------------------
 
+    def model_chat_template(self) -> "ChatTemplate | None":
+        """The model's own chat template, or None."""
+        source = getattr(self.tokenizer, "chat_template", None)       # issue 12's tokenizer carries it
+        if source:
+            tokens = getattr(self.tokenizer, "special_tokens", {}) or {}
+            return ChatTemplate(source, tokens.get("bos_token") or "", tokens.get("eos_token") or "")
+        return ChatTemplate.from_model(self.llm.path)
+
     def chat_prompt_ids(self, template: "ChatTemplate | None", messages: list, max_tokens=None) -> list:
+        """The token ids of `messages` rendered by `template` (NoChatTemplate if None)."""
         if template is None:
             raise NoChatTemplate(
                 f"the model {Path(self.llm.path).name!r} has no chat template (no chat_template in its "
                 "tokenizer_config.json), so /v1/chat/completions cannot build a prompt; "
                 "use /v1/completions, or serve with --chat-template FILE")
         text = template.render(messages)
-        # The template writes the special tokens itself (bos and the like): encode without adding more.
-        ids = self.tokenizer._tok.encode(text, add_special_tokens=False).ids   # noqa: SLF001
-        return check_prompt(ids, None, self.llm.config, max_tokens or 1)
+        return check_prompt(self.encode_plain(text), None, self.llm.config, max_tokens or 1)
+
+    def encode_plain(self, text: str) -> list:
+        """Token ids of `text` without added special tokens: a chat template writes its own."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False)          # issue 12's Tokenizer
+        except TypeError:
+            return self.tokenizer._tok.encode(text, add_special_tokens=False).ids  # noqa: SLF001
 
 
 class ChatTemplate:

@@ -50,7 +50,7 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
     """
     engine = Engine(llm)
     name = model_name or Path(llm.path).name
-    template = ChatTemplate.from_file(chat_template, llm.path) if chat_template else ChatTemplate.from_model(llm.path)
+    template = ChatTemplate.from_file(chat_template, llm.path) if chat_template else engine.model_chat_template()
     metrics = Metrics(engine)
     app = FastAPI(title="daskllm", summary="OpenAI-compatible API on a Dask cluster", docs_url=None,
                   redoc_url=None)
