@@ -3,14 +3,16 @@
 Usage: python benchmarks/serve.py [--clients 1 8 32] [--requests-per-client 4] [--new-tokens 32]
                                   [--layers 4] [--hidden 512]
 
-One LocalCluster (1 worker x 1 thread) and one random Llama with the built-in model's
-tokenizer. For each number of concurrent clients, each client sends its requests one after
-another (a text prompt, greedy, `--new-tokens` tokens, streamed) and times its first token:
+One LocalCluster (1 worker x 1 thread, its scheduler in a process of its own) and one random
+Llama with the built-in model's tokenizer. For each number of concurrent clients, each client
+sends its requests one after another (a text prompt, greedy, `--new-tokens` tokens, streamed)
+and times its first token:
   python API   threads in this process: llm.submit(...) then request.pieces()
   HTTP server  `daskllm serve` in a subprocess on 127.0.0.1, threads in this process with the
                official openai client (stream=True); the server has its own process, as deployed
-The two take turns by whole runs. It prints requests/s, generated tokens/s, time to first
-token (p50 / p95) and the server's figures as a ratio of the Python API's.
+The two take turns at each number of clients (both models stay loaded; only one runs at a
+time). It prints requests/s, generated tokens/s, time to first token (p50 / p95) and the
+server's figures as a ratio of the Python API's.
 """
 from __future__ import annotations
 
@@ -104,6 +106,27 @@ def start_server(path, address):
     raise RuntimeError("the server did not start")
 
 
+CLUSTER = """
+import sys
+from distributed import LocalCluster
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    print(cluster.scheduler_address, flush=True)
+    sys.stdin.read()                 # until the benchmark closes our stdin
+"""
+
+
+def start_cluster():
+    """A LocalCluster in a process of its own: its scheduler then shares a process (and the GIL)
+    with neither contender."""
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.kill()
+        raise RuntimeError("the cluster did not start")
+    return proc, address
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -112,31 +135,33 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     args = parser.parse_args()
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from daskllm import LLM
     rows = {}
-    with tempfile.TemporaryDirectory() as d, \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster, direct_to_workers=True) as client:
-        n_params = make_model(d, args.layers, args.hidden)
-        with LLM(d, client=client) as llm:
-            one = python_api(llm, args.new_tokens)
-            load(one, 2, 1)                                                   # warm-up
-            for c in args.clients:
-                rows[("python API", c)] = summarize(*load(one, c, args.requests_per_client))
-                print("python API", c, rows[("python API", c)], flush=True)
-        proc, url = start_server(d, cluster.scheduler_address)
-        try:
-            one = http(url, args.new_tokens)
-            load(one, 2, 1)
-            for c in args.clients:
-                rows[("HTTP server", c)] = summarize(*load(one, c, args.requests_per_client))
-                print("HTTP server", c, rows[("HTTP server", c)], flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
-            proc.stderr.close()
+    cluster, address = start_cluster()
+    try:
+        with tempfile.TemporaryDirectory() as d, Client(address, direct_to_workers=True) as client:
+            n_params = make_model(d, args.layers, args.hidden)
+            proc, url = start_server(d, address)
+            try:
+                with LLM(d, client=client) as llm:
+                    paths = {"python API": python_api(llm, args.new_tokens),
+                             "HTTP server": http(url, args.new_tokens)}
+                    for one in paths.values():
+                        load(one, 2, 1)                                       # warm-up
+                    for c in args.clients:          # the two paths take turns, so drift hits both alike
+                        for name, one in paths.items():
+                            rows[(name, c)] = summarize(*load(one, c, args.requests_per_client))
+                            print(name, c, rows[(name, c)], flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+                proc.stderr.close()
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=120)
+        cluster.stdout.close()
 
     print(f"\nrandom Llama {n_params / 1e6:.1f}M params ({args.layers} layers, hidden {args.hidden}), "
           f"{args.requests_per_client} requests per client, {args.new_tokens} tokens each, greedy, streamed\n")

@@ -188,18 +188,23 @@ def test_a_closed_stream_frees_its_slot(api, llm, server):
     _wait_until(lambda: _running(llm) == 0 and _live_sequences(llm) == 0)    # slot and KV cache freed
     metrics = _get(server.url.removesuffix("/v1") + "/metrics")
     assert _metric(metrics, "daskllm_rank_live_sequences") == 0
+    assert re.search(r'^daskllm_requests_total\{endpoint="completions",status="499"\} [1-9]', metrics, re.M)
     assert api.completions.create(model="llama", prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
 
 
 def test_a_client_that_hangs_up_on_a_plain_request_cancels_it(server, llm):
     import httpx2
     _wait_until(lambda: _running(llm) == 0)
-    body = {"model": "llama", "prompt": "Tell me everything", "max_tokens": 240, "ignore_eos": True}
+    # 16 choices of 240 tokens: long enough on any machine to be running when the client leaves
+    body = {"model": "llama", "prompt": "Tell me everything", "max_tokens": 240, "ignore_eos": True, "n": 16}
     seen = []
 
-    def watch():                      # remember the request the server submits
-        _wait_until(lambda: any(e._running for e in llm.router.engines), timeout=30)
-        seen.extend(r for e in llm.router.engines for r in e._running.values())
+    def queued():
+        return [r for e in llm.router.engines for r in [*e._waiting, *e._running.values()]]
+
+    def watch():                      # remember the requests the server submits
+        _wait_until(lambda: len(queued()) == 16, timeout=30)
+        seen.extend(queued())
 
     with ThreadPoolExecutor(1) as pool:
         watcher = pool.submit(watch)
@@ -207,8 +212,8 @@ def test_a_client_that_hangs_up_on_a_plain_request_cancels_it(server, llm):
             httpx2.post(server.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                         timeout=httpx2.Timeout(30, read=0.3))
         watcher.result()
-    _wait_until(lambda: seen[0].finished)
-    assert Engine.was_aborted(seen[0]) and len(seen[0].generated) < 240
+    _wait_until(lambda: all(r.finished for r in seen))
+    assert all(Engine.was_aborted(r) and len(r.generated) < 240 for r in seen)
     _wait_until(lambda: _running(llm) == 0 and _live_sequences(llm) == 0)
 
 

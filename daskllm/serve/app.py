@@ -57,7 +57,7 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, name
     _install_error_handlers(app, metrics)
 
-    def authorize(request: Request):
+    async def authorize(request: Request):      # async: no thread hop per request
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -168,16 +168,21 @@ class _EventStream(StreamingResponse):
 
 def _event_stream(events, gen: Generation, metrics, endpoint) -> StreamingResponse:
     async def body():
+        status = None                       # stays None if the client goes away mid-stream
         try:
             async for event in events:
                 yield f"data: {event}\n\n"
+            status = 200
         except Exception as error:   # noqa: BLE001 - headers are sent: report in the stream, as OpenAI does
-            yield f"data: {json.dumps(_server_error(error).body())}\n\n"
-            metrics.requests.labels(endpoint, str(_server_error(error).status)).inc()
-            return
+            failure = _server_error(error)
+            status = failure.status
+            yield f"data: {json.dumps(failure.body())}\n\n"
         finally:
             gen.abort()
-        _record(gen, metrics, endpoint)
+            if status != 200:
+                metrics.requests.labels(endpoint, str(status or 499)).inc()
+        if status == 200:
+            _record(gen, metrics, endpoint)
         yield "data: [DONE]\n\n"
     return _EventStream(body(), media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

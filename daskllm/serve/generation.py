@@ -15,6 +15,10 @@ from ..engine.validate import RequestError
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}    # engine's -> OpenAI's
 
 
+def openai_reason(reason: str) -> str:
+    return FINISH_REASONS.get(reason, reason)
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected before its response was ready."""
 
@@ -75,7 +79,7 @@ class Generation:
             gone.cancel()
             waits.cancel()
             self.abort()
-        return [Choice(i, out.text, len(out.token_ids), FINISH_REASONS[out.finish_reason])
+        return [Choice(i, out.text, len(out.token_ids), openai_reason(out.finish_reason))
                 for i, out in enumerate(outputs)]
 
     async def stream(self):
@@ -87,7 +91,7 @@ class Generation:
             try:
                 async for piece in self.engine.pieces(request):
                     queue.put_nowait((index, piece, None))
-                queue.put_nowait((index, None, FINISH_REASONS[request.finish_reason]))
+                queue.put_nowait((index, None, openai_reason(request.finish_reason)))
             except Exception as error:   # noqa: BLE001 - handed to the reader, which raises it
                 queue.put_nowait((index, None, error))
 
