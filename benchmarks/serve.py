@@ -1,7 +1,7 @@
 """The HTTP server's overhead: the same load through `daskllm serve` and through the Python API.
 
 Usage: python benchmarks/serve.py [--clients 1 8 32] [--requests-per-client 4] [--new-tokens 32]
-                                  [--layers 4] [--hidden 512]
+                                  [--layers 4] [--hidden 512] [--rounds 1]
 
 One LocalCluster (1 worker x 1 thread, its scheduler in a process of its own) and one random
 Llama with the built-in model's tokenizer. For each number of concurrent clients, each client
@@ -134,6 +134,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole load; each figure is the median")
     args = parser.parse_args()
     from distributed import Client
 
@@ -150,10 +151,12 @@ def main():
                              "HTTP server": http(url, args.new_tokens)}
                     for one in paths.values():
                         load(one, 2, 1)                                       # warm-up
-                    for c in args.clients:          # the two paths take turns, so drift hits both alike
-                        for name, one in paths.items():
-                            rows[(name, c)] = summarize(*load(one, c, args.requests_per_client))
-                            print(name, c, rows[(name, c)], flush=True)
+                    for _ in range(args.rounds):
+                        for c in args.clients:      # the two paths take turns, so drift hits both alike
+                            for name, one in paths.items():
+                                rows.setdefault((name, c), []).append(
+                                    summarize(*load(one, c, args.requests_per_client)))
+                                print(name, c, rows[(name, c)][-1], flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=120)
@@ -163,8 +166,10 @@ def main():
         cluster.wait(timeout=120)
         cluster.stdout.close()
 
+    rows = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in rows.items()}
     print(f"\nrandom Llama {n_params / 1e6:.1f}M params ({args.layers} layers, hidden {args.hidden}), "
-          f"{args.requests_per_client} requests per client, {args.new_tokens} tokens each, greedy, streamed\n")
+          f"{args.requests_per_client} requests per client, {args.new_tokens} tokens each, greedy, streamed, "
+          f"median of {args.rounds} round(s)\n")
     print("| clients | path | requests/s | tokens/s | TTFT p50 ms | TTFT p95 ms | tokens/s vs API | TTFT p50 vs API |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in args.clients:

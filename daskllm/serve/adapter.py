@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,8 +44,12 @@ class Engine:
         self.tokenizer = llm.tokenizer
         self.context = llm.config.max_position
         self._pool = ThreadPoolExecutor(MAX_WAITERS, thread_name_prefix="daskllm-serve-wait")
+        self._submitted = weakref.WeakValueDictionary()     # id -> this server's requests, to abort on close
 
     def close(self):
+        """Abort what is still running (so no waiting thread is left blocked), stop the threads."""
+        for request in list(self._submitted.values()):
+            self.abort(request)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ----------------------------------------------------------------------
@@ -65,6 +70,7 @@ class Engine:
         `llm.submit` checks the prompt against the context and the KV budget (RequestError)."""
         (request,) = self.llm.submit([prompt_ids], max_new_tokens=max_tokens, temperature=temperature,
                                      top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        self._submitted[request.id] = request
         return request
 
     async def wait(self, request):
