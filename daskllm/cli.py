@@ -68,12 +68,14 @@ def _serve_parser(sub):
                                      "pip install 'daskllm[serve]'.",
                          epilog="Example: daskllm serve --model ./my-llama --tp 2 --port 8000, then "
                                 "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
-    srv.add_argument("--model", help="Hugging Face checkpoint directory (default: the small built-in model)")
+    srv.add_argument("--model", help="a GGUF file or a Hugging Face checkpoint directory (default: as for generate)")
     for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
                        ("ep", "expert-parallel ranks")):
         srv.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
     srv.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                      help="sequence-parallel attention exchange (default ring)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                     help="how ranks hold the weights: auto = as stored (default)")
     srv.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -107,7 +109,7 @@ def _serve(args) -> int:
     stop_on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with sock, LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
-                       sp_variant=args.sp_variant, progress=_progress) as llm:
+                       sp_variant=args.sp_variant, dtype=args.dtype, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
             serve(llm, args.host, args.port, sock=sock, api_key=args.api_key, model_name=args.served_model_name,
                   chat_template=args.chat_template, log_level=args.log_level)

@@ -19,7 +19,8 @@ from conftest import golden_dir
 
 from daskllm import LLM
 from daskllm.serve import ServerThread
-from daskllm.serve.adapter import ChatTemplate, Engine
+from daskllm.io.chat import ChatTemplate
+from daskllm.serve.adapter import Engine
 
 pytestmark = pytest.mark.cluster
 
@@ -120,9 +121,10 @@ def test_stop_string_and_a_list_of_prompts(api, llm):
 
 
 def _chat_prompt_ids(llm, messages):
-    text = ChatTemplate.from_model(llm.path).render(messages)
+    text = ChatTemplate(TEMPLATE, {"bos_token": "<s>"}).render(messages)
     assert text == "<s><|user|>Say hi\n<|assistant|>"                 # the template really ran
-    return llm.tokenizer._tok.encode(text, add_special_tokens=False).ids   # what transformers would do
+    assert llm.chat_prompt(messages) == llm.tokenizer.encode(text, add_special_tokens=False)
+    return llm.chat_prompt(messages)
 
 
 def test_chat_uses_the_models_template(api, llm):

@@ -1,75 +1,14 @@
-"""The server's pieces without a cluster: aborting a request in the replica scheduler, the
-protocol models' refusals, and chat templates read from tokenizer_config.json."""
+"""The server's pieces without a cluster: the protocol models' refusals, and chat templates."""
 from __future__ import annotations
 
-import json
-import threading
-import time
+import shutil
+from types import SimpleNamespace
 
 import pytest
+from conftest import golden_dir
 from pydantic import ValidationError
 
-from daskllm.engine.request import Request
-from daskllm.engine.scheduler import ReplicaEngine
-from daskllm.model.sampling import SamplingParams
-from daskllm.serve.adapter import ChatTemplate
 from daskllm.serve.protocol import ChatCompletionRequest, CompletionRequest
-
-
-class SlowReplica:
-    """Answers token 7 to every sampling sequence, one step per 5 ms, and records what it frees."""
-    index = 0
-
-    def __init__(self):
-        self.released, self.calls = [], 0
-        self.lock = threading.Lock()
-
-    def step(self, work, release=()):
-        time.sleep(0.005)
-        with self.lock:
-            self.calls += 1
-            self.released += list(release)
-        return {w.seq: 7 for w in work if w.sample}
-
-
-def _wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
-def test_abort_drops_a_running_request_and_frees_its_cache_while_idle():
-    replica = SlowReplica()
-    engine = ReplicaEngine(replica, budget_tokens=100_000, max_batch_tokens=64, on_lost=None)
-    try:
-        request = Request([1, 2, 3], SamplingParams(), max_new_tokens=10_000)
-        engine.submit(request)
-        _wait_until(lambda: len(request.generated) >= 3)
-        assert engine.abort(request) is True
-        _wait_until(lambda: request.id in replica.released)      # freed though nothing else runs
-        calls = replica.calls
-        time.sleep(0.05)
-        assert replica.calls == calls, "the engine kept stepping after the abort"
-        assert len(request.generated) < 10_000 and engine.abort(request) is False
-    finally:
-        engine.close()
-
-
-def test_abort_of_a_queued_request_never_runs_it():
-    replica = SlowReplica()
-    engine = ReplicaEngine(replica, budget_tokens=20, max_batch_tokens=64, on_lost=None)
-    try:
-        first = Request([1, 2, 3], SamplingParams(), max_new_tokens=15)     # takes the whole budget
-        queued = Request([4, 5, 6], SamplingParams(), max_new_tokens=15)
-        engine.submit(first)
-        engine.submit(queued)
-        assert engine.abort(queued) is True
-        first.wait(timeout=10)
-        time.sleep(0.05)
-        assert queued.generated == [] and queued.id not in replica.released
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize("body, message", [
@@ -103,15 +42,22 @@ def test_prompt_forms_and_chat_limits():
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "image_url", "text": ""}]}])
 
 
-def test_chat_template_from_tokenizer_config(tmp_path):
-    assert ChatTemplate.from_model(tmp_path) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"content": "<s>"}, "eos_token": "</s>",
-        "chat_template": [{"name": "tool_use", "template": "tools"},
-                          {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
-                                                          "{{ eos_token }}{% endfor %}"}]}))
-    template = ChatTemplate.from_model(tmp_path)
-    assert template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "<s>a</s>b</s>"
-    refusing = ChatTemplate("{{ raise_exception('only user turns') }}")
-    with pytest.raises(ValueError, match="the chat template refused these messages: only user turns"):
-        refusing.render([{"role": "user", "content": "a"}])
+def test_chat_template_from_the_model_or_a_file(tmp_path):
+    from daskllm.io.tokenizer import Tokenizer
+    from daskllm.serve.adapter import Engine, NoChatTemplate
+    shutil.copytree(golden_dir("llama"), tmp_path / "m")
+    engine = Engine(SimpleNamespace(tokenizer=Tokenizer.from_dir(tmp_path / "m"), path=str(tmp_path / "m"),
+                                    config=SimpleNamespace(max_position=256, vocab_size=384)))
+    try:
+        assert engine.chat_template() is None
+        with pytest.raises(NoChatTemplate, match="has no chat template .* serve with --chat-template FILE"):
+            engine.chat_prompt_ids(None, [{"role": "user", "content": "a"}])
+        (tmp_path / "t.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                                          "{% endfor %}")
+        template = engine.chat_template(tmp_path / "t.jinja")
+        assert template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == \
+            "<s>a</s>b</s>"
+        ids = engine.chat_prompt_ids(template, [{"role": "user", "content": "hi"}])
+        assert ids[0] == 0 and ids.count(0) == 1                 # the template's bos, and no second one
+    finally:
+        engine.close()

@@ -1,14 +1,9 @@
 """The one place where the server touches the engine: submit, wait, stream, abort, chat prompts.
 
-Two pieces of the engine are being finished elsewhere (issues 18 and 12); this module
-stands in for them, and takes theirs where it finds them, so the switch is made here alone:
-- aborting a request: `request.cancel()` (issue 18) where Request has it; otherwise the
-  request is failed and its replica's engine drops it (`ReplicaEngine.abort`), which frees
-  its KV cache;
-- chat templates: the tokenizer's `chat_template` (issue 12: from GGUF metadata or
-  tokenizer_config.json) where the tokenizer has one, else tokenizer_config.json's; rendered
-  by `ChatTemplate` here with jinja2 in a sandbox, as transformers' `apply_chat_template`
-  does (io.chat.ChatTemplate of issue 12 can replace it).
+It uses the engine's public calls only: `llm.submit`, `request.wait` / `request.pieces`
+(awaited in threads), `request.cancel` (the engine drops the request and frees its KV cache),
+and the chat template of `daskllm.io.chat` (the tokenizer's, from GGUF metadata or
+tokenizer_config.json, or a file given to the server).
 
 Waiting is done in a thread pool of the server's own, never on the event loop: each active
 choice holds one thread blocked on its request's pieces until they end or it is aborted.
@@ -16,18 +11,14 @@ choice holds one thread blocked on its request's pieces until they end or it is 
 from __future__ import annotations
 
 import asyncio
-import json
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..engine.validate import RequestError, check_prompt
+from ..io.chat import ChatTemplate
 
 MAX_WAITERS = 512          # threads blocked on requests at once; more wait their turn
-
-
-class RequestAborted(RuntimeError):
-    """The request was aborted (its client went away) before it finished."""
 
 
 class NoChatTemplate(RequestError):
@@ -89,20 +80,12 @@ class Engine:
             yield piece
 
     def abort(self, request):
-        """Stop `request` if it is still running and free its KV cache on the ranks."""
-        if request.finished:
-            return
-        if hasattr(request, "cancel"):      # issue 18's API: the engine drops it and frees its cache
-            request.cancel()
-            return
-        request.fail(RequestAborted(f"request {request.id} was aborted"))   # ends any waiter at once
-        for engine in self.llm.router.alive():
-            if engine.index == request.replica:
-                engine.abort(request)
+        """Stop `request` if it is still running; its replica frees its KV cache."""
+        request.cancel()
 
     @staticmethod
     def was_aborted(request) -> bool:
-        return request.finish_reason == "cancelled" or isinstance(request.error, RequestAborted)
+        return request.finish_reason == "cancelled"
 
     # -- state, for /health and /metrics -----------------------------------------------
 
@@ -129,77 +112,21 @@ class Engine:
 
     # -- chat --------------------------------------------------------------------------
 
-    def model_chat_template(self) -> "ChatTemplate | None":
-        """The model's own chat template, or None."""
-        source = getattr(self.tokenizer, "chat_template", None)       # issue 12's tokenizer carries it
-        if source:
-            tokens = getattr(self.tokenizer, "special_tokens", {}) or {}
-            return ChatTemplate(source, tokens.get("bos_token") or "", tokens.get("eos_token") or "")
-        return ChatTemplate.from_model(self.llm.path)
+    def chat_template(self, path=None) -> "ChatTemplate | None":
+        """The template in file `path`, else the model's own, else None."""
+        special = getattr(self.tokenizer, "special_tokens", {})
+        if path is not None:
+            return ChatTemplate(Path(path).read_text(), special)
+        return ChatTemplate(self.tokenizer.chat_template, special) if self.tokenizer.chat_template else None
 
     def chat_prompt_ids(self, template: "ChatTemplate | None", messages: list, max_tokens=None) -> list:
         """The token ids of `messages` rendered by `template` (NoChatTemplate if None)."""
         if template is None:
             raise NoChatTemplate(
                 f"the model {Path(self.llm.path).name!r} has no chat template (no chat_template in its "
-                "tokenizer_config.json), so /v1/chat/completions cannot build a prompt; "
+                "tokenizer_config.json or GGUF metadata), so /v1/chat/completions cannot build a prompt; "
                 "use /v1/completions, or serve with --chat-template FILE")
-        text = template.render(messages)
-        return check_prompt(self.encode_plain(text), None, self.llm.config, max_tokens or 1)
-
-    def encode_plain(self, text: str) -> list:
-        """Token ids of `text` without added special tokens: a chat template writes its own."""
-        try:
-            return self.tokenizer.encode(text, add_special_tokens=False)          # issue 12's Tokenizer
-        except TypeError:
-            return self.tokenizer._tok.encode(text, add_special_tokens=False).ids  # noqa: SLF001
-
-
-class ChatTemplate:
-    """A Hugging Face chat template (jinja2), rendered as transformers renders it."""
-
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
-        self.bos_token, self.eos_token = bos_token, eos_token
-
-    @classmethod
-    def from_model(cls, path) -> "ChatTemplate | None":
-        """The template in tokenizer_config.json of a checkpoint directory, or None."""
-        try:
-            config = json.loads((Path(path) / "tokenizer_config.json").read_text())
-        except FileNotFoundError:
-            return None
-        source = config.get("chat_template")
-        if isinstance(source, list):     # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in source}
-            source = named.get("default")
-        if not source:
-            return None
-        return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
-
-    @classmethod
-    def from_file(cls, path, model_path=None) -> "ChatTemplate":
-        base = cls.from_model(model_path) if model_path else None
-        return cls(Path(path).read_text(), base.bos_token if base else "", base.eos_token if base else "")
-
-    def render(self, messages: list) -> str:
-        """The prompt text for `messages` ([{"role", "content"}]), ending where the assistant speaks."""
-        from jinja2.exceptions import TemplateError
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
-        except TemplateError as e:
-            raise RequestError(f"the chat template refused these messages: {e}") from e
-
-
-def _token_text(entry) -> str:
-    return (entry.get("content") if isinstance(entry, dict) else entry) or ""
+        text = template.render(messages, add_generation_prompt=True)
+        # The template writes the special tokens itself (bos and the like): encode without adding more.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return check_prompt(ids, None, self.llm.config, max_tokens or 1)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.router import NoReplicaError
 from ..engine.validate import RequestError
 from ..runtime.replica import ReplicaError
-from .adapter import ChatTemplate, Engine, NoChatTemplate
+from .adapter import Engine, NoChatTemplate
 from .generation import ClientGone, Generation
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -50,7 +50,7 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
     """
     engine = Engine(llm)
     name = model_name or Path(llm.path).name
-    template = ChatTemplate.from_file(chat_template, llm.path) if chat_template else engine.model_chat_template()
+    template = engine.chat_template(chat_template)
     metrics = Metrics(engine)
     app = FastAPI(title="daskllm", summary="OpenAI-compatible API on a Dask cluster", docs_url=None,
                   redoc_url=None)

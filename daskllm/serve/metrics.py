@@ -55,8 +55,7 @@ class _EngineCollector:
             ranks = []
         for rank, stats in ranks:
             label = [str(rank)]
-            steps = stats.get("steps", {})
-            step.add_metric(label, count_value=steps.get("count", 0), sum_value=steps.get("seconds", 0.0))
+            step.add_metric(label, count_value=stats.get("steps", 0), sum_value=stats.get("compute_seconds", 0.0))
             live.add_metric(label, stats["memory"].get("live_sequences", 0))
             cache.add_metric(label, stats["memory"].get("cache_bytes", 0))
         yield from (step, live, cache)
