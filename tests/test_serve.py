@@ -290,7 +290,6 @@ def test_the_serve_command_without_a_chat_template(client):
                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url, lines = None, []
-        start = time.monotonic()
         deadline = time.monotonic() + 240       # a loaded 2-core machine takes its time to import
         while url is None and time.monotonic() < deadline and proc.poll() is None:
             lines.append(proc.stderr.readline())
@@ -302,7 +301,6 @@ def test_the_serve_command_without_a_chat_template(client):
             with pytest.raises(openai.BadRequestError, match="has no chat template") as info:
                 c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}])
             assert info.value.body["code"] == "no_chat_template"
-        print(f"served at {time.monotonic() - start:.1f} s")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -310,7 +308,6 @@ def test_the_serve_command_without_a_chat_template(client):
         finally:
             proc.kill() if proc.poll() is None else None
             proc.stderr.close()
-    print(f"stopped at {time.monotonic() - start:.1f} s")
     assert proc.returncode == 0
 
 
