@@ -11,12 +11,17 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 
+from .dashboard import attach as attach_dashboard
+from .dashboard import page_link
+from .dashboard.html import Plan, RankStats
+from .dashboard.progress import interactive, load_progress, wait_prefill
 from .engine.request import Request
 from .engine.router import Router
 from .engine.scheduler import ReplicaEngine
 from .engine.validate import budget_tokens, check_fits, check_prompt, kv_bytes_per_token
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
+from .io.names import expected_shapes
 from .kernels import DTYPES
 from .model.sampling import SamplingParams
 from .parallel import compose
@@ -55,8 +60,10 @@ class LLM:
     device : {"cpu", "cuda"}
         Where ranks hold their shards: NumPy arrays, or CuPy arrays on the worker's GPU
         (one GPU per worker, e.g. dask-cuda's LocalCUDACluster).
-    progress : callable, optional
+    progress : callable or bool, optional
         progress(ranks loaded, ranks in all) as each rank finishes reading its shards.
+        Default: a progress bar of the bytes read where a person watches (terminal, Jupyter);
+        False: none.
 
     Example
     -------
@@ -86,8 +93,10 @@ class LLM:
         self.client = self._connect(client, address, security, threads_per_worker)
         self.router = Router()
         self.replicas = []
+        self._dashboard = None
         try:
             self._start(progress)
+            self._dashboard = attach_dashboard(self, settings.get("dashboard-interval"))
         except BaseException:
             self.close()
             raise
@@ -120,19 +129,27 @@ class LLM:
         self.budget_tokens = min(budgets)
 
         loaded = []
+        bar = load_progress(self, placement) if progress is None else None
 
         def rank_loaded(info):
             loaded.append(info)
-            if progress is not None:
+            if bar is not None:
+                bar.rank_loaded()
+            if callable(progress):
                 progress(len(loaded), self.mesh.world_size)
 
         def start(d):
             return Replica(self.client, d, placement[d], self.mesh, self.path, self.options,
                            on_rank_loaded=rank_loaded, ship_from=self.checkpoint if self.ship_weights else None)
-        with ThreadPoolExecutor(self.mesh.dp) as pool:
-            futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
-            for f in futures:
-                self.replicas.append(f.result())
+        try:
+            with ThreadPoolExecutor(self.mesh.dp) as pool:
+                futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
+                for f in futures:
+                    self.replicas.append(f.result())
+        finally:
+            if bar is not None:
+                self.options.pop("load_topic", None)
+                bar.close()
         for rep in self.replicas:
             self.router.add(self._engine(rep))
 
@@ -179,6 +196,8 @@ class LLM:
         temperature 0 is greedy; `seed` makes sampling repeatable (same seed, same tokens).
         """
         requests = self.submit(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop)
+        if interactive():
+            wait_prefill({e.index: e for e in self.router.alive()}, requests)
         return [r.wait() for r in requests]
 
     def stream(self, prompt, max_new_tokens=32, **kwargs):
@@ -267,20 +286,29 @@ class LLM:
 
     def plan(self) -> str:
         """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank),
-        then the weight bytes of each rank in the chosen dtype."""
-        text = format_plan(compose.full_plan(self.config, self.mesh, self.options))
+        then the weight bytes of each rank in the chosen dtype. A table in Jupyter."""
+        specs = compose.full_plan(self.config, self.mesh, self.options)
+        text = format_plan(specs)
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
             text = describe_heads(self.config, self.mesh.tp) + "\n" + text
-        return text + "\n" + format_rank_bytes(self.weight_bytes(), self.options["dtype"])
+        rank_bytes = self.weight_bytes()
+        return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.options["dtype"]), specs,
+                    expected_shapes(self.config), self.mesh, rank_bytes, self.options["dtype"])
 
     def weight_bytes(self) -> list:
         """Weight bytes each rank of a replica holds in the chosen dtype (from the checkpoint headers)."""
         return rank_weight_bytes(self.checkpoint, self.mesh, self.options)
 
     def stats(self) -> list:
-        """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load."""
-        return [s for e in self.router.alive() for s in e.replica.stats()]
+        """Per rank (all replicas, rank order): collective bytes and seconds, memory, step time, expert load
+        (tables in Jupyter)."""
+        return RankStats(s for e in self.router.alive() for s in e.replica.stats())
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The daskllm page on the cluster's dashboard (live mesh, throughput, step times, collectives)."""
+        return page_link(self.client)
 
     def comm_stats(self) -> list:
         return [s["comm"] for s in self.stats()]
@@ -296,6 +324,9 @@ class LLM:
 
     def close(self):
         """Stop the engines, release the actors and connections (and the own LocalCluster)."""
+        if self._dashboard is not None:
+            self._dashboard.stop()
+            self._dashboard = None
         self.router.close()
         for rep in self.replicas:
             rep.close()

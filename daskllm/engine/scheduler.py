@@ -27,6 +27,9 @@ class ReplicaEngine:
         self.alive = True
         self.steps = 0
         self.served = 0                      # requests finished here
+        self.tokens = 0                      # tokens generated here (dashboard: tokens/s)
+        self.step_seconds = 0.0              # driver wall time of replica.step (dashboard: control time)
+        self._ttft = deque(maxlen=64)        # seconds from submit to first token, latest requests
         self._waiting = deque()
         self._running = {}                   # request id -> Request
         self._fed = {}                       # request id -> tokens of its context already in the cache
@@ -123,23 +126,42 @@ class ReplicaEngine:
                 self._admit()
                 work = self._plan_step()
                 release, self._release = self._release, []
+            start = time.perf_counter()
             try:
                 chosen = self.replica.step(work, release)
             except Exception as error:   # noqa: BLE001 - the replica is lost; its requests move on
                 self._lost(error)
                 return
             self.steps += 1
+            self.step_seconds += time.perf_counter() - start
             with self._cond:
                 for w in work:
                     self._fed[w.seq] = w.start + len(w.tokens)
                 for seq, token in chosen.items():
                     req = self._running[seq]
                     req.add_token(token)
+                    self.tokens += 1
+                    if len(req.generated) == 1:
+                        self._ttft.append(req.first_token_at - req.submitted_at)
                 for seq in [s for s, r in self._running.items() if r.finished]:
                     del self._running[seq], self._fed[seq]
                     self._release.append(seq)
                     self.served += 1
             self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+
+    # -- read by the dashboard and progress bars (never drives the loop) ---------------
+
+    def snapshot(self) -> dict:
+        """Counters and queue lengths of this replica, as plain data."""
+        with self._cond:
+            return {"replica": self.index, "alive": self.alive, "steps": self.steps,
+                    "step_seconds": self.step_seconds, "tokens": self.tokens, "queued": len(self._waiting),
+                    "running": len(self._running), "finished": self.served, "ttft": list(self._ttft)}
+
+    def prefilled(self, request) -> int:
+        """Tokens of `request`'s context already in the cache (its whole context once finished)."""
+        with self._cond:
+            return len(request.context) if request.finished else self._fed.get(request.id, 0)
 
     def _lost(self, error):
         with self._cond:

@@ -20,6 +20,7 @@ from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
 from . import tuning
+from .load_report import ReportedReads
 from .wire import work_from_wire
 
 
@@ -112,6 +113,8 @@ class RankActor:
         """
         start = time.perf_counter()
         checkpoint = open_checkpoint(path) if shipped is None else ShippedShards(*shipped)
+        if shipped is None and self.options.get("load_topic"):
+            checkpoint = ReportedReads(checkpoint, self.options["load_topic"])   # load progress for the client
         cfg = checkpoint.config
         comms = self.comms or {}
         setup = rank_setup(cfg, self.replica_mesh, self.local_rank, comms, self.options)
