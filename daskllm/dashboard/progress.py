@@ -25,6 +25,27 @@ def interactive() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
+class LazyBar:
+    """A bar that exists only once `DELAY` seconds have passed: a quick wait writes nothing at all
+    (a tqdm bar that never showed still writes a blank line when closed, in Jupyter too)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.start, self.bar = kwargs, time.monotonic(), None
+
+    def update_to(self, n, postfix: str | None = None):
+        if self.bar is None and time.monotonic() - self.start < DELAY:
+            return
+        if self.bar is None:
+            self.bar = bar(**self.kwargs)
+        self.bar.update(n - self.bar.n)
+        if postfix is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def bar(**kwargs):
     """A tqdm bar: the notebook widget in Jupyter with ipywidgets, else text on stderr."""
     if "ipykernel" in sys.modules:
@@ -50,8 +71,8 @@ class LoadProgress:
         self.read = dict.fromkeys(totals, 0)
         self.loaded = 0
         self._lock = threading.Lock()
-        self.bar = bar(total=sum(totals.values()), unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"loading {len(totals)} rank(s)", delay=DELAY, leave=False)
+        self.bar = LazyBar(total=sum(totals.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=f"loading {len(totals)} rank(s)", leave=False)
         client.subscribe_topic(topic, self._on_event)
 
     def _on_event(self, event):
@@ -63,9 +84,8 @@ class LoadProgress:
     def _update(self, worker, read):
         with self._lock:
             self.read[worker] = max(self.read[worker], min(read, self.totals[worker]))
-            self.bar.update(sum(self.read.values()) - self.bar.n)
-            self.bar.set_postfix_str(" ".join(
-                f"r{self.ranks[w]} {100 * self.read[w] // max(1, self.totals[w])}%" for w in self.totals), refresh=False)
+            self.bar.update_to(sum(self.read.values()), " ".join(
+                f"r{self.ranks[w]} {100 * self.read[w] // max(1, self.totals[w])}%" for w in self.totals))
 
     def rank_loaded(self):
         with self._lock:
@@ -88,17 +108,20 @@ def wait_prefill(engines: dict, requests: list, poll: float = 0.1):
     engines: {replica index: ReplicaEngine}. Returns at once for prompts that fit one step.
     """
     total = sum(len(r.prompt) for r in requests)
-    with bar(total=total, unit="tok", desc="prefill", delay=DELAY, leave=False) as b:
+    b = LazyBar(total=total, unit="tok", desc="prefill", leave=False)
+    try:
         while True:
             done = 0
             for r in requests:
                 engine = engines.get(r.replica)
                 done += len(r.prompt) if r.generated or r.finished else \
                     min(len(r.prompt), engine.prefilled(r) if engine else 0)
-            b.update(done - b.n)
+            b.update_to(done)
             if done >= total:
                 return
             time.sleep(poll)
+    finally:
+        b.close()
 
 
 def load_progress(llm, placement: list):
