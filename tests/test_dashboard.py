@@ -217,14 +217,23 @@ def test_page_in_chromium_shows_ranks_and_growing_token_count(client, monkeypatc
         assert first == 12
         assert "tp.all_reduce" in section and "Step time per rank" in section
 
-        with LLM(golden_dir("llama"), client=client) as other:     # a second LLM gets its own section
+        with LLM(golden_dir("mixtral"), ep=2, client=client) as moe:     # a second LLM: its own section
             llm.generate(["Once upon a time"], max_new_tokens=5, ignore_eos=True)
+            (out,) = moe.generate(["Once upon a time"], max_new_tokens=5, ignore_eos=True)
+            moe_name = moe._dashboard.name
             _wait_for(data_url, lambda d: _llm_view(d, name)["throughput"]["tokens"] == 17
-                      and _llm_view(d, other._dashboard.name) is not None)
+                      and ((_llm_view(d, moe_name) or {}).get("experts") or {}).get("total"))
             dom = _render(llm.dashboard_link)
             second = int(re.search(r'<b class="tokens" data-llm="[^"]*">(\d+)</b>', _section(dom, name)).group(1))
             assert second == 17 > first
-            assert f'data-llm="{other._dashboard.name}"' in dom
+            heat = _section(dom, moe_name)
+            assert "Expert load" in heat and "Expert load" not in _section(dom, name)
+            cfg = moe.config
+            cells = re.findall(r'title="layer (\d+), expert (\d+): (\d+) tokens"', heat)
+            assert len(cells) == cfg.n_layers * cfg.moe.n_experts
+            routed = cfg.moe.top_k * (len(out.prompt_token_ids) + len(out.token_ids) - 1)
+            for layer in range(cfg.n_layers):   # every token fed routes to top_k experts in each layer
+                assert sum(int(c) for l_, _, c in cells if int(l_) == layer) == routed
         base = llm.dashboard_link.rsplit("/daskllm", 1)[0]
         listed = json.load(urllib.request.urlopen(base + "/individual-plots.json", timeout=10))
         assert listed.get("Daskllm") == "/daskllm", "the page is listed for dask-labextension"

@@ -81,7 +81,7 @@ class Publisher:
         deadline = time.monotonic() + wait
         for e in engines:
             if ask and e.index not in self._pending:
-                self._pending[e.index] = e.replica.stats_futures()
+                self._pending[e.index] = e.replica.stats_futures(history=False)
         for e in engines:
             futures = self._pending.get(e.index)
             if futures is None:
