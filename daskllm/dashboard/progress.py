@@ -37,9 +37,9 @@ class LazyBar:
             return
         if self.bar is None:
             self.bar = bar(**self.kwargs)
-        self.bar.update(n - self.bar.n)
         if postfix is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(n - self.bar.n)
 
     def close(self):
         if self.bar is not None:
