@@ -25,7 +25,7 @@ def _snap(t, tokens, engine_steps, engine_secs, rank_steps, rank_secs, coll_secs
     comm = {"tp": {"all_reduce": {"calls": rank_steps, "bytes_sent": moved, "bytes_received": moved,
                                   "seconds": coll_secs}}}
     stats = {"memory": {"weights_bytes": 100, "cache_bytes": 10, "live_sequences": 1},
-             "step": {"steps": rank_steps, "seconds": rank_secs}, "comm": comm}
+             "steps": rank_steps, "compute_seconds": rank_secs, "comm": comm}
     mesh = Mesh(tp=2)
     return {"name": "m", "model": "/x", "time": t, "device": "cpu", "mesh": {"dp": 1, "tp": 2, "sp": 1, "ep": 1},
             "engines": [{"replica": 0, "alive": True, "steps": engine_steps, "step_seconds": engine_secs,
@@ -100,7 +100,7 @@ def test_plan_prints_as_text_and_renders_a_table():
 def test_rank_stats_is_a_list_with_tables():
     from daskllm.dashboard.html import RankStats
     stats = RankStats([{"local_rank": 0, "memory": {"weights_bytes": 2048, "cache_bytes": 0, "live_sequences": 0},
-                        "step": {"steps": 4, "seconds": 0.02},
+                        "steps": 4, "compute_seconds": 0.02,
                         "comm": {"tp": {"all_reduce": {"calls": 8, "bytes_sent": 64, "bytes_received": 64,
                                                        "seconds": 0.008}}}}])
     assert stats[0]["local_rank"] == 0 and len(stats) == 1 and isinstance(stats, list)

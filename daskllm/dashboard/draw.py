@@ -114,8 +114,8 @@ def step_split(stats, ax=None):
     """Per rank, ms per step inside the rank, split into compute and waiting in collectives."""
     ax = _axes(ax, (6, 0.4 * len(stats) + 1.2))
     for r, s in enumerate(stats):
-        steps = s.get("step", {}).get("steps", 0) or 1
-        inside = 1e3 * s.get("step", {}).get("seconds", 0.0) / steps
+        steps = s.get("steps", 0) or 1
+        inside = 1e3 * s.get("compute_seconds", 0.0) / steps
         coll = min(inside, 1e3 * sum(o["seconds"] for ops in s.get("comm", {}).values() for o in ops.values()) / steps)
         ax.barh(r, inside - coll, color="#3b78b5", label="compute" if r == 0 else None)
         ax.barh(r, coll, left=inside - coll, color="#e08a2c", label="waiting in collectives" if r == 0 else None)

@@ -112,12 +112,12 @@ class RankStats(list):
     def _repr_html_(self) -> str:
         ranks = []
         for r, s in enumerate(self):
-            mem, step = s.get("memory", {}), s.get("step", {})
+            mem = s.get("memory", {})
             coll = sum(op["seconds"] for ops in s.get("comm", {}).values() for op in ops.values())
-            steps = step.get("steps", 0)
+            steps = s.get("steps", 0)
             ranks.append([r, _bytes(mem.get("weights_bytes", 0)), _bytes(mem.get("cache_bytes", 0)),
                           mem.get("live_sequences", 0), steps,
-                          f"{1e3 * step.get('seconds', 0.0) / steps:.2f}" if steps else "–",
+                          f"{1e3 * s.get('compute_seconds', 0.0) / steps:.2f}" if steps else "–",
                           f"{1e3 * coll / steps:.2f}" if steps else "–"])
         collectives = [[r, html.escape(f"{axis}.{name}"), op["calls"], _bytes(op["bytes_sent"]),
                         _bytes(op["bytes_received"]), f"{1e3 * op['seconds']:.1f}"]

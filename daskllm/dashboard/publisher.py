@@ -106,14 +106,14 @@ class Publisher:
 def rank_row(rank: int, replica: int, coords: dict, worker: str, device: str, stats: dict | None) -> dict:
     """One rank's line of the snapshot, from its last stats answer (zeros before the first)."""
     stats = stats or {}
-    memory, step = stats.get("memory", {}), stats.get("step", {})
+    memory = stats.get("memory", {})
     comm = {f"{axis}.{op}": s for axis, ops in stats.get("comm", {}).items() for op, s in ops.items()}
     host = worker.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     return {"rank": rank, "replica": replica, "coords": {a: coords[a] for a in ("tp", "sp", "ep")},
             "worker": worker, "host": host, "device": device,
             "weights_bytes": memory.get("weights_bytes", 0), "cache_bytes": memory.get("cache_bytes", 0),
             "live_sequences": memory.get("live_sequences", 0),
-            "steps": step.get("steps", 0), "step_seconds": step.get("seconds", 0.0),
+            "steps": stats.get("steps", 0), "step_seconds": stats.get("compute_seconds", 0.0),
             "collective_seconds": sum(s["seconds"] for s in comm.values()), "comm": comm}
 
 
