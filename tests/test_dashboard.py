@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.request
 
+import dask
 import pytest
 
 from daskllm.dashboard import view as dview
@@ -85,7 +86,7 @@ def test_plan_prints_as_text_and_renders_a_table():
     cfg = Checkpoint(golden_dir("mixtral")).config
     mesh = Mesh(tp=2, ep=2)
     specs = compose.full_plan(cfg, mesh)
-    plan = Plan(specs, expected_shapes(cfg), mesh)
+    plan = Plan(None, specs, expected_shapes(cfg), mesh)
     assert plan == format_plan(specs) and isinstance(plan, str) and plan.splitlines()[0].startswith("embed")
     page = plan._repr_html_()
     assert "<th>rank 0</th><th>rank 1</th>" in page
@@ -197,6 +198,8 @@ def test_page_in_chromium_shows_ranks_and_growing_token_count(client, monkeypatc
         return bar
     real_load_progress = progress.load_progress
     monkeypatch.setattr(progress, "interactive", lambda: True)
+    # Rank start-up includes a fresh worker's imports; on a busy 2-core machine that passed 30 s.
+    monkeypatch.setitem(dask.config.config["daskllm"], "connect-timeout", 180)
     monkeypatch.setattr("daskllm.api.load_progress", recording_load_progress)
 
     with LLM(golden_dir("llama"), tp=2, client=client) as llm:

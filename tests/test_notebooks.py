@@ -25,6 +25,7 @@ def test_committed_without_outputs(name):
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(900)        # the quickstart loads the real default model (SmolLM2) twice
 @pytest.mark.parametrize("name", ALL)
 def test_runs_top_to_bottom(name, monkeypatch):
     import nbformat
@@ -36,7 +37,7 @@ def test_runs_top_to_bottom(name, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS.parent),
                                                                    os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=240, kernel_name="python3",
+    NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     pictures = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
                    if "image/png" in o.get("data", {}))
