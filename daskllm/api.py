@@ -13,6 +13,10 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 
+from .dashboard import attach as attach_dashboard
+from .dashboard import page_link
+from .dashboard.html import Plan, RankStats
+from .dashboard.progress import interactive, load_progress, wait_prefill
 from .engine.recovery import Recovery
 from .engine.request import Request, TextDecoder
 from .engine.router import LLMClosedError, NoReplicaError, Router
@@ -22,6 +26,7 @@ from .engine.validate import (as_prompts, budget_tokens, check_fits, check_int, 
                               one_prompt)
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
+from .io.names import expected_shapes
 from .kernels import DTYPES
 from .model.sampling import SamplingParams
 from .parallel import compose
@@ -67,8 +72,10 @@ class LLM:
     device : {"cpu", "cuda"}
         Where ranks hold their shards: NumPy arrays, or CuPy arrays on the worker's GPU
         (one GPU per worker, e.g. dask-cuda's LocalCUDACluster).
-    progress : callable, optional
+    progress : callable or bool, optional
         progress(ranks loaded, ranks in all) as each rank finishes reading its shards.
+        Default: a progress bar of the bytes read where a person watches (terminal, Jupyter);
+        False: none.
 
     Example
     -------
@@ -87,6 +94,7 @@ class LLM:
         self._own_cluster = self._own_client = None
         self.router = Router()
         self.replicas = []
+        self._dashboard = None
         self.path = os.path.abspath(str(default_model_path(model)))
         self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
@@ -104,6 +112,7 @@ class LLM:
         try:
             self.client = self._connect(client, address, security, threads_per_worker)
             self._start(progress)
+            self._dashboard = attach_dashboard(self, settings.get("dashboard-interval"))
         except BaseException:
             self.close()
             raise
@@ -156,19 +165,27 @@ class LLM:
                 ", ".join(f"{w}: {n}" for w, n in sorted(self.shared_workers.items())))
 
         loaded = []
+        bar = load_progress(self, placement) if progress is None else None
 
         def rank_loaded(info):
             loaded.append(info)
-            if progress is not None:
+            if bar is not None:
+                bar.rank_loaded()
+            if callable(progress):
                 progress(len(loaded), self.mesh.world_size)
 
         def start(d):
             return Replica(self.client, d, placement[d], self.mesh, self.path, self.options,
                            on_rank_loaded=rank_loaded, ship_from=self.checkpoint if self.ship_weights else None)
-        with ThreadPoolExecutor(self.mesh.dp) as pool:
-            futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
-            for f in futures:
-                self.replicas.append(f.result())
+        try:
+            with ThreadPoolExecutor(self.mesh.dp) as pool:
+                futures = [pool.submit(start, d) for d in range(self.mesh.dp)]
+                for f in futures:
+                    self.replicas.append(f.result())
+        finally:
+            if bar is not None:
+                self.options.pop("load_topic", None)
+                bar.close()
         for rep in self.replicas:
             self.router.add(self._engine(rep))
         # A lost replica is rebuilt on free workers without the caller asking (daskllm.rebuild-timeout).
@@ -240,6 +257,8 @@ class LLM:
         """
         requests = self.submit(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop)
         try:
+            if interactive():
+                wait_prefill({e.index: e for e in self.router.alive()}, requests)
             return [r.wait() for r in requests]
         finally:
             for r in requests:           # after an error (or an interrupt) the others stop too
@@ -395,27 +414,36 @@ class LLM:
 
     def plan(self) -> str:
         """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank),
-        then the weight bytes of each rank in the chosen dtype."""
+        then the weight bytes of each rank in the chosen dtype. A table in Jupyter."""
         self._check_open()
-        text = format_plan(compose.full_plan(self.config, self.mesh, self.options))
+        specs = compose.full_plan(self.config, self.mesh, self.options)
+        text = format_plan(specs)
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
             text = describe_heads(self.config, self.mesh.tp) + "\n" + text
-        return text + "\n" + format_rank_bytes(self.weight_bytes(), self.options["dtype"])
+        rank_bytes = self.weight_bytes()
+        return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.options["dtype"]), specs,
+                    expected_shapes(self.config), self.mesh, rank_bytes, self.options["dtype"])
 
     def weight_bytes(self) -> list:
         """Weight bytes each rank of a replica holds in the chosen dtype (from the checkpoint headers)."""
         return rank_weight_bytes(self.checkpoint, self.mesh, self.options)
 
     def stats(self) -> list:
-        """Per rank (all replicas, rank order): collective bytes and seconds, memory, expert load.
+        """Per rank (all replicas, rank order): collective bytes and seconds, memory, step time,
+        expert load (tables in Jupyter).
 
         memory: weights_bytes, cache_bytes (KV cache held now), cache_peak_bytes (the most it
         held), live_sequences. The KV budget is a hard limit: cache_bytes never exceeds
         daskllm.kv-cache-bytes (or the share of memory the fraction gives)."""
         self._check_open()
         with self._closed_is_closed():
-            return [s for e in self.router.alive() for s in e.replica.stats()]
+            return RankStats(s for e in self.router.alive() for s in e.replica.stats())
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The daskllm page on the cluster's dashboard (live mesh, throughput, step times, collectives)."""
+        return page_link(self.client)
 
     def comm_stats(self) -> list:
         return [s["comm"] for s in self.stats()]
@@ -437,6 +465,9 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        if self._dashboard is not None:
+            self._dashboard.stop()
+            self._dashboard = None
         self.router.close()
         for rep in self.replicas:
             rep.close()

@@ -31,6 +31,9 @@ class ReplicaEngine:
         self.alive = True
         self.steps = 0
         self.served = 0                      # requests finished here
+        self.tokens = 0                      # tokens generated here (dashboard: tokens/s)
+        self.step_seconds = 0.0              # driver wall time of replica.step (dashboard: control time)
+        self._ttft = deque(maxlen=64)        # seconds from submit to first token, latest requests
         self._waiting = deque()
         self._running = {}                   # request id -> Request
         self._fed = {}                       # request id -> tokens of its context already in the cache
@@ -183,6 +186,7 @@ class ReplicaEngine:
                 if not work and not release:     # all waiting, the budget held by a call beside
                     self._cond.wait(1.0)
                     continue
+            start = time.perf_counter()
             try:
                 chosen = self.replica.step(work, release) if work else self.replica.release(release)
             except ReplicaError as error:   # a rank is lost or frozen: its requests move on
@@ -192,6 +196,8 @@ class ReplicaEngine:
                 self._failed(work, release, error)
                 continue
             self.steps += bool(work)
+            if work:
+                self.step_seconds += time.perf_counter() - start
             with self._cond:
                 for w in work:
                     if w.seq in self._fed:
@@ -202,6 +208,9 @@ class ReplicaEngine:
                         continue
                     try:
                         req.add_token(token)
+                        self.tokens += 1
+                        if len(req.generated) == 1:
+                            self._ttft.append(req.first_token_at - req.submitted_at)
                     except Exception as error:   # noqa: BLE001 - e.g. its decoder: this request only
                         req.fail(RuntimeError(f"request {req.id} failed: {type(error).__name__}: {error}"))
                 self._drop_finished()
@@ -217,6 +226,20 @@ class ReplicaEngine:
                     req.fail(error)
             self._release.extend(release)
             self._drop_finished()
+
+    # -- read by the dashboard and progress bars (never drives the loop) ---------------
+
+    def snapshot(self) -> dict:
+        """Counters and queue lengths of this replica, as plain data."""
+        with self._cond:
+            return {"replica": self.index, "alive": self.alive, "steps": self.steps,
+                    "step_seconds": self.step_seconds, "tokens": self.tokens, "queued": len(self._waiting),
+                    "running": len(self._running), "finished": self.served, "ttft": list(self._ttft)}
+
+    def prefilled(self, request) -> int:
+        """Tokens of `request`'s context already in the cache (its whole context once finished)."""
+        with self._cond:
+            return len(request.context) if request.finished else self._fed.get(request.id, 0)
 
     def _lost(self, error):
         with self._cond:

@@ -100,16 +100,16 @@ class ExpertLoad:
         self.steps[-1][layer] = counts
         self.totals[layer] = self.totals.get(layer, 0) + counts
 
-    def as_dict(self) -> dict:
-        """Plain data (ints and lists): layers (L,), total (L, E), steps (S, L, E), zeros where absent."""
+    def as_dict(self, steps: bool = True) -> dict:
+        """Plain data (ints and lists): layers (L,), total (L, E), steps (S, L, E), zeros where absent.
+
+        steps=False leaves the per-step history out (what a once-a-second reader needs)."""
         layers = sorted(self.totals)
         zero = [0] * self.n_experts
-        return {
-            "n_experts": self.n_experts,
-            "layers": layers,
-            "total": [self.totals[i].tolist() for i in layers],
-            "steps": [[s[i].tolist() if i in s else zero for i in layers] for s in self.steps],
-        }
+        out = {"n_experts": self.n_experts, "layers": layers, "total": [self.totals[i].tolist() for i in layers]}
+        if steps:
+            out["steps"] = [[s[i].tolist() if i in s else zero for i in layers] for s in self.steps]
+        return out
 
 
 def moe_mlp(x, layer_params, moe_cfg, seams, stats=None, layer=None):

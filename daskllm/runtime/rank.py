@@ -21,6 +21,7 @@ from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
 from . import tuning
+from .load_report import ReportedReads
 from .wire import work_from_wire
 
 
@@ -117,6 +118,8 @@ class RankActor:
         """
         start = time.perf_counter()
         checkpoint = open_checkpoint(path) if shipped is None else ShippedShards(*shipped)
+        if shipped is None and self.options.get("load_topic"):
+            checkpoint = ReportedReads(checkpoint, self.options["load_topic"])   # load progress for the client
         cfg = checkpoint.config
         comms = self.comms or {}
         setup = rank_setup(cfg, self.replica_mesh, self.local_rank, comms, self.options)
@@ -144,13 +147,15 @@ class RankActor:
         self.runner.release(seq_ids)
         return True
 
-    def stats(self) -> dict:
-        """Bytes and seconds per collective, memory, and expert load (MoE), for the client."""
+    def stats(self, history: bool = True) -> dict:
+        """Bytes and seconds per collective, memory, step time, and expert load (MoE), for the client.
+
+        history=False leaves out the expert load's per-step history (the dashboard's light call)."""
         comm = {axis: c.stats.as_dict() for axis, c in self.comms.items() if c.size > 1}
         out = {"local_rank": self.local_rank, "comm": comm, "memory": self.runner.memory() if self.runner else {},
                "steps": self.steps, "compute_seconds": self.compute_seconds, "tuning": self.tuning}
         if self.moe_stats is not None:
-            out["expert_load"] = self.moe_stats.as_dict()
+            out["expert_load"] = self.moe_stats.as_dict(steps=history)
         return out
 
     def reset_stats(self) -> bool:

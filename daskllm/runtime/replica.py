@@ -271,6 +271,11 @@ class Replica:
     def stats(self) -> list:
         return self._call("stats", timeout=settings.get("connect-timeout"))
 
+    def stats_futures(self, **kwargs) -> list:
+        """One stats call per rank, not awaited: for readers that must never mark the replica lost
+        when a rank is slow to answer (the dashboard's publisher)."""
+        return [actor.stats(**kwargs) for actor in self._actors]
+
     @_ordered
     def reset_stats(self):
         self._call("reset_stats", timeout=settings.get("connect-timeout"))

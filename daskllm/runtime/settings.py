@@ -19,6 +19,7 @@ DEFAULTS = {
         "comm-spin": 0.0,           # s: a rank waiting for a peer polls without sleeping this long first
         "kv-cache-fraction": 0.5,   # of a worker's memory limit, after weights, for the KV cache
         "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)
+        "dashboard-interval": 1.0,  # s between the statistics an LLM publishes to the /daskllm page (0: off)
         "max-batch-tokens": 4096,   # tokens a rank takes in one step (x sp per replica; longer prefills are chunked)
     }
 }
