@@ -17,6 +17,7 @@ import pytest
 from conftest import golden_dir
 
 from daskllm import LLM
+from daskllm.engine.recovery import PROBE_TIMEOUT
 from daskllm.engine.router import NoReplicaError
 
 MODEL = golden_dir("llama")
@@ -117,7 +118,8 @@ def test_requests_fail_with_a_clear_error_when_no_rebuild_is_possible_in_time(re
                                                          r"replica 0 could not be rebuilt within "
                                                          r"daskllm.rebuild-timeout = 2 s .*1 healthy free worker"):
                     requests[0].wait(timeout=60)
-                assert time.monotonic() - start < FAULTS["daskllm.step-timeout"] + 2 + 8
+                # the loss, then the rebuild's deadline (checked between probes of at most PROBE_TIMEOUT)
+                assert time.monotonic() - start < FAULTS["daskllm.step-timeout"] + 2 + PROBE_TIMEOUT + 8
                 with pytest.raises(NoReplicaError):
                     requests[1].wait(timeout=5)
             finally:
