@@ -26,6 +26,7 @@ from .engine.validate import (as_prompts, budget_tokens, check_fits, check_int, 
                               one_prompt)
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
+from .io.loader import dtype_label, resolve_dtype
 from .io.names import expected_shapes
 from .kernels import DTYPES
 from .model.sampling import SamplingParams
@@ -103,8 +104,11 @@ class LLM:
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
+        # Per tensor, what `dtype` means for this checkpoint ("auto" on a quantized GGUF: int8), decided
+        # once here: it sizes the weights and KV budget, aligns tp cuts and tells each rank what to load.
         self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin"),
-                        "rank_tuning": settings.get("rank-tuning"), "dtype": dtype}
+                        "rank_tuning": settings.get("rank-tuning"), "dtype": dtype,
+                        "dtypes": resolve_dtype(self.checkpoint, dtype)}
         self.ship_weights = bool(ship_weights)
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = open_tokenizer(self.checkpoint)
@@ -150,8 +154,8 @@ class LLM:
         memory = {addr: mem for addr, _, mem in worker_table(self.client)}
         rank_bytes = self.weight_bytes()                        # in the chosen dtype, per rank of a replica
         for ws in placement:
-            check_weights_fit(rank_bytes, [memory[w] for w in ws], self.options["dtype"],
-                              rank_weight_bytes(self.checkpoint, self.mesh, {**self.options, "dtype": "int8"}))
+            check_weights_fit(rank_bytes, [memory[w] for w in ws], self.dtype_label,
+                              rank_weight_bytes(self.checkpoint, self.mesh, self._int8_options()))
         per_token = kv_bytes_per_token(self.config, self.mesh)
         self.shared_workers = {w: load[w] for ws in placement for w in ws if load.get(w)}
         budgets = [min(budget_tokens(memory[w], max(rank_bytes), per_token, self.mesh, sharing=load.get(w, 0) + 1)
@@ -417,13 +421,21 @@ class LLM:
         then the weight bytes of each rank in the chosen dtype. A table in Jupyter."""
         self._check_open()
         specs = compose.full_plan(self.config, self.mesh, self.options)
-        text = format_plan(specs)
+        text = format_plan(specs, self.options["dtypes"])
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
             text = describe_heads(self.config, self.mesh.tp) + "\n" + text
         rank_bytes = self.weight_bytes()
-        return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.options["dtype"]), specs,
-                    expected_shapes(self.config), self.mesh, rank_bytes, self.options["dtype"])
+        return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.dtype_label), specs,
+                    expected_shapes(self.config), self.mesh, rank_bytes, self.dtype_label)
+
+    @property
+    def dtype_label(self) -> str:
+        """The weight dtype asked for, or for "auto" what it became, e.g. "auto: float32, int8"."""
+        return dtype_label(self.options["dtype"], self.options["dtypes"])
+
+    def _int8_options(self) -> dict:
+        return {**self.options, "dtype": "int8", "dtypes": resolve_dtype(self.checkpoint, "int8")}
 
     def weight_bytes(self) -> list:
         """Weight bytes each rank of a replica holds in the chosen dtype (from the checkpoint headers)."""

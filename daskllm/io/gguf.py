@@ -28,6 +28,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
+from ..kernels.formats import from_interleaved
 from ..model.config import ModelConfig, RopeConfig, UnsupportedModelError
 from .checkpoint import CheckpointError
 from .gguf_file import GGUFError, GGUFFile
@@ -209,6 +210,22 @@ class GGUFCheckpoint:
         """The dtype `read(name, dtype=None)` gives: "float32", "float16" or "bfloat16" (quantized: "float32")."""
         qtype = self.entries[name].qtype
         return {T.F16: "float16", T.BF16: "bfloat16"}.get(qtype, "float32")
+
+    def auto_dtype(self, name: str) -> str:
+        """The dtype "auto" holds a linear weight in: F32/F16/BF16 as stored, quantized types "int8" (Q8_0)."""
+        qtype = self.entries[name].qtype
+        return {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}.get(qtype, "int8")
+
+    def read_q8_0(self, name: str, index=None):
+        """A Q8_0 tensor's slice as kernels.formats.Q8_0 built from the stored blocks, unchanged
+        (None for other types: the loader requantizes their dequantized values)."""
+        info = self.entries[name]
+        if info.qtype != T.Q8_0 or len(info.shape) != 2:
+            return None
+        index = tuple(index) if index is not None else (slice(None), slice(None))
+        lo, hi, _ = index[1].indices(info.shape[1])
+        _, raw = self.raw_blocks(name, index)                         # (rows, blocks * 34) uint8
+        return from_interleaved(raw, raw.shape[0], hi - lo)
 
     def raw_blocks(self, name: str, index=None) -> tuple:
         """(GGML type, raw bytes (rows, blocks * block bytes)) of a 2-D slice whose columns fall on block

@@ -88,43 +88,75 @@ def is_linear(name: str, shape: tuple) -> bool:
     return len(shape) == 2 and name.rsplit(".", 1)[-1] not in KEPT_FLOAT32
 
 
-def target_dtype(name: str, shape: tuple, stored: str, dtype: str) -> str:
-    """The dtype tensor `name` is held in: `dtype` for linear weights ("auto": as stored), else float32."""
+def target_dtype(name: str, shape: tuple, auto: str, dtype: str) -> str:
+    """The dtype tensor `name` is held in: `dtype` for linear weights ("auto": `auto`), else float32."""
     if not is_linear(name, shape):
         return "float32"
-    return stored if dtype == "auto" else dtype
+    return auto if dtype == "auto" else dtype
 
 
-def read_weights(checkpoint, slices: dict, xp=np, dtype: str = "float32") -> dict:
+def auto_dtype(checkpoint, name: str) -> str:
+    """What dtype "auto" holds a linear weight in: its stored float dtype, or "int8" for a GGUF
+    quantized type (Q8_0 as its own blocks, the 4-bit and K types requantized to Q8_0)."""
+    held = getattr(checkpoint, "auto_dtype", None)
+    return held(name) if held is not None else checkpoint.stored_dtype(name)
+
+
+def resolve_dtype(checkpoint, requested: str) -> dict:
+    """{tensor: the dtype it is held in} for weight dtype `requested`: the one place "auto" is decided.
+
+    api.LLM calls it before any worker is touched; its result (options["dtypes"]) sizes the
+    weights and KV budget, aligns tensor-parallel cuts to int8 blocks and tells each rank what to load.
+    """
+    if requested not in kernels.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, kernels.DTYPES))}, got {requested!r}")
+    return {name: target_dtype(name, checkpoint.shape(name), auto_dtype(checkpoint, name), requested)
+            for name in checkpoint.entries}
+
+
+def dtype_label(requested: str, dtypes: dict) -> str:
+    """`requested`, or for "auto" the dtypes it resolved to, e.g. "auto: float32, int8" (norms stay float32)."""
+    if requested != "auto":
+        return requested
+    held = sorted(set(dtypes.values()))
+    return "auto: " + ", ".join(held)
+
+
+def read_weights(checkpoint, slices: dict, xp=np, dtype: str = "float32", dtypes: dict | None = None) -> dict:
     """{our name: weight} for each name in `slices` (value: a tuple of slices, or None for all).
 
     Each tensor is read from disk in its stored dtype, sliced by safetensors, turned into the
-    layout of its target dtype (see `target_dtype`) and moved to `xp` (numpy or cupy) one
-    at a time, so peak host memory stays near one tensor (never a float32 checkpoint).
+    layout of its target dtype (`dtypes`, else `resolve_dtype(checkpoint, dtype)`) and moved to
+    `xp` (numpy or cupy) one at a time, so peak host memory stays near one tensor (never a
+    float32 checkpoint). GGUF Q8_0 tensors held as int8 keep the file's blocks unchanged.
     """
     if dtype not in kernels.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(kernels.DTYPES)}, got {dtype!r}")
+    targets = dtypes if dtypes is not None else resolve_dtype(checkpoint, dtype)
     out = {}
     for name, index in slices.items():
-        array = checkpoint.read(name, index, None)                    # as stored on disk
-        target = target_dtype(name, array.shape, np.dtype(array.dtype).name, dtype)
-        try:
-            weight = kernels.convert(array, target) if array.ndim == 2 else np.asarray(array, np.float32)
-        except OverflowError as e:
-            raise OverflowError(f"{name}: {e}") from None
+        target = targets[name]
+        stored_int8 = getattr(checkpoint, "read_q8_0", None)
+        weight = stored_int8(name, index) if target == "int8" and stored_int8 is not None else None
+        if weight is None:
+            array = checkpoint.read(name, index, None)                    # as stored on disk
+            try:
+                weight = kernels.convert(array, target) if array.ndim == 2 else np.asarray(array, np.float32)
+            except OverflowError as e:
+                raise OverflowError(f"{name}: {e}") from None
         out[name] = kernels.to_device(weight, xp)
     return out
 
 
-def held_bytes(checkpoint, slices: dict, dtype: str) -> int:
-    """Bytes `read_weights(checkpoint, slices, dtype=dtype)` will hold, from the headers alone."""
+def held_bytes(checkpoint, slices: dict, dtype: str, dtypes: dict | None = None) -> int:
+    """Bytes `read_weights(checkpoint, slices, dtype=dtype, dtypes=dtypes)` will hold, from the headers alone."""
+    targets = dtypes if dtypes is not None else resolve_dtype(checkpoint, dtype)
     total = 0
     for name, index in slices.items():
         shape = checkpoint.shape(name)
         if index is not None:
             shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
-        target = target_dtype(name, shape, checkpoint.stored_dtype(name), dtype)
-        total += kernels.weight_bytes(shape, target)
+        total += kernels.weight_bytes(shape, targets[name])
     return total
 
 
@@ -136,6 +168,10 @@ class ShippedShards:
 
     def __init__(self, config, shapes: dict, arrays: dict):
         self.config, self._shapes, self._arrays = config, shapes, arrays
+        self.entries = dict.fromkeys(arrays)
+
+    def stored_dtype(self, name: str) -> str:
+        return np.dtype(self._arrays[name].dtype).name
 
     def shape(self, name: str) -> tuple:
         return self._shapes[name]

@@ -12,12 +12,13 @@ from .plan import rank_slices
 
 
 def build_runner(checkpoint, plan, coords=None, seams=LOCAL, tp_comm=None, vocab_start=0,
-                 xp=np, dtype="float32", cache_budget_bytes=None, moe_stats=None):
-    """Read this rank's slices (and nothing else), held as `dtype` (kernels.DTYPES), in a runner."""
+                 xp=np, dtype="float32", cache_budget_bytes=None, moe_stats=None, dtypes=None):
+    """Read this rank's slices (and nothing else), held as `dtype` (kernels.DTYPES; `dtypes`: per
+    tensor, as io.loader.resolve_dtype gives), in a runner."""
     cfg = checkpoint.config
     shapes = {name: checkpoint.shape(name) for name in plan}
     slices = rank_slices(plan, shapes, coords or {})
-    flat = read_weights(checkpoint, slices, xp=xp, dtype=dtype)
+    flat = read_weights(checkpoint, slices, xp=xp, dtype=dtype, dtypes=dtypes)
     weights = structure(flat, cfg.n_layers, cfg.tie_embeddings, vocab_start)
     del flat
     release_free_memory()
@@ -39,13 +40,15 @@ def release_free_memory():
 
 
 def rank_weight_bytes(checkpoint, mesh: Mesh, options: dict) -> list:
-    """Weight bytes each rank of one replica will hold in options["dtype"], from the headers alone."""
+    """Weight bytes each rank of one replica will hold in options["dtype"] (per tensor: options["dtypes"]
+    when resolved), from the headers alone."""
     from .compose import full_plan
     replica = Mesh(1, mesh.tp, mesh.sp, mesh.ep)
     plan = full_plan(checkpoint.config, replica, options)
     shapes = {name: checkpoint.shape(name) for name in plan}
     dtype = options.get("dtype", "float32")
-    return [held_bytes(checkpoint, rank_slices(plan, shapes, replica.coords(r)), dtype)
+    return [held_bytes(checkpoint, rank_slices(plan, shapes, replica.coords(r)), dtype,
+                       options.get("dtypes"))
             for r in range(replica.world_size)]
 
 

@@ -45,7 +45,8 @@ def check(cfg: ModelConfig, mesh: Mesh, options: dict | None = None):
 def full_plan(cfg: ModelConfig, mesh: Mesh, options: dict | None = None) -> dict:
     """{our tensor name: spec} for the whole model on this mesh (printable, drawable).
 
-    options["dtype"] "int8" makes tensor-parallel cuts respect int8 blocks (parallel.tensor).
+    int8 weights (options["dtype"] "int8", or "int8" in options["dtypes"]) make tensor-parallel
+    cuts respect int8 blocks (parallel.tensor.split_unit).
     """
     plan = replicated_plan(expected_shapes(cfg))
     for axis in active_axes(mesh):

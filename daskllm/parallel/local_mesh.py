@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..comm.threads import ThreadHub
 from ..model.runner import Work
 from ..model.sampling import SamplingParams
+from ..io.loader import resolve_dtype
 from .build import build_runner
 from .compose import axis_communicators, check, rank_setup
 from .mesh import Mesh
@@ -29,6 +30,8 @@ class InProcessReplica:
     def __init__(self, checkpoint, mesh: Mesh, timeout: float = 30.0, options: dict | None = None, xp=None):
         if mesh.dp != 1:
             raise ValueError(f"InProcessReplica runs one replica; got dp={mesh.dp}")
+        if (options or {}).get("dtype", "float32") == "auto" and "dtypes" not in options:
+            options = {**options, "dtypes": resolve_dtype(checkpoint, "auto")}    # what "auto" means here
         check(checkpoint.config, mesh, options)
         self.mesh, self.timeout = mesh, timeout
         self.size = mesh.replica_size
@@ -40,6 +43,7 @@ class InProcessReplica:
             setup = rank_setup(checkpoint.config, mesh, r, self.comms[r], options)
             return build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
                                 setup.vocab_start, dtype=(options or {}).get("dtype", "float32"),
+                                dtypes=(options or {}).get("dtypes"),
                                 **({"xp": xp} if xp is not None else {}))
         self.runners = self._all(build)
 

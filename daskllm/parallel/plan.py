@@ -91,7 +91,12 @@ def rank_slices(plan: dict, shapes: dict, coords: dict) -> dict:
     return out
 
 
-def format_plan(plan: dict) -> str:
-    """One line per tensor, for printing and notebooks."""
+def format_plan(plan: dict, dtypes: dict | None = None) -> str:
+    """One line per tensor, for printing and notebooks; with `dtypes` ({tensor: dtype}) each line
+    ends with the dtype the tensor is held in."""
     width = max((len(n) for n in plan), default=0)
-    return "\n".join(f"{name:<{width}}  {spec}" for name, spec in plan.items())
+    if dtypes is None:
+        return "\n".join(f"{name:<{width}}  {spec}" for name, spec in plan.items())
+    spec_width = max((len(str(s)) for s in plan.values()), default=0)
+    return "\n".join(f"{name:<{width}}  {str(spec):<{spec_width}}  {dtypes.get(name, '')}".rstrip()
+                     for name, spec in plan.items())

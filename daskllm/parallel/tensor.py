@@ -67,8 +67,13 @@ def check(cfg: ModelConfig, mesh: Mesh, options: dict):
 
 
 def split_unit(options) -> int:
-    """Columns a cut along the input dim must respect: a Q8_0 block for int8 weights, else 1."""
-    return BLOCK if (options or {}).get("dtype") == "int8" else 1
+    """Columns a cut along the input dim must respect: a Q8_0 block when any weight is int8, else 1.
+
+    options["dtypes"] (io.loader.resolve_dtype) says what "auto" became: int8 for GGUF quantized types.
+    """
+    options = options or {}
+    int8 = options.get("dtype") == "int8" or "int8" in (options.get("dtypes") or {}).values()
+    return BLOCK if int8 else 1
 
 
 def mlp_widths(cfg: ModelConfig) -> dict:

@@ -128,7 +128,8 @@ class RankActor:
             self.moe_stats = ExpertLoad(cfg.n_layers, cfg.moe.n_experts)
         self.runner = build_runner(checkpoint, setup.plan, setup.coords, setup.seams, setup.tp_comm,
                                    setup.vocab_start, xp=array_module_for(self.options.get("device", "cpu")),
-                                   dtype=self.options.get("dtype", "float32"), moe_stats=self.moe_stats)
+                                   dtype=self.options.get("dtype", "float32"), moe_stats=self.moe_stats,
+                                   dtypes=self.options.get("dtypes"))
         checkpoint.close()
         return {"seconds": time.perf_counter() - start, "pid": os.getpid(),
                 "blas_threads": self.tuning["blas_threads"], "tuning": self.tuning, **self.runner.memory()}
