@@ -26,7 +26,7 @@ def single_rank(client, golden):
     """tp=1: the answer, the prompt's logits and the streamed reply, on the default model."""
     from daskllm import LLM
     arrays, _ = golden
-    with LLM(client=client) as llm:             # no model: SmolLM2, since it is installed
+    with LLM(client=client, dtype="float32") as llm:      # no model: SmolLM2; float32 to match transformers
         assert Path(llm.path) == SMOL
         prompt = llm.chat_prompt(QUESTION)
         answer = llm.chat(QUESTION, max_new_tokens=12)
@@ -52,7 +52,7 @@ def test_any_tp_answers_and_equals_single_rank(client, single_rank, tp):
     """tp=2 splits the 3 KV heads 2 + 1 (and 9 query heads 6 + 3); tp=3 one group each."""
     from daskllm import LLM
     answer, _, ref = single_rank
-    with LLM(SMOL, tp=tp, client=client) as llm:
+    with LLM(SMOL, tp=tp, client=client, dtype="float32") as llm:
         if tp == 2:
             assert "rank 0: 6 query + 2 KV heads; rank 1: 3 query + 1 KV heads" in llm.plan()
         got = llm.chat(QUESTION, max_new_tokens=12)
