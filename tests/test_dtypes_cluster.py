@@ -30,6 +30,10 @@ def _assert_logits(got, want, what):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=f"{what}: prompt {i}")
 
 
+def _stored(family):
+    return {"llama_bf16": "bfloat16", "llama_fp16": "float16"}.get(family, "float32")
+
+
 @pytest.mark.parametrize("family, dtype, mesh", [
     ("llama", "int8", dict(tp=2)),
     ("llama_bf16", "auto", dict(tp=2, sp=2)),
@@ -44,7 +48,9 @@ def test_workers_give_the_single_rank_logits_of_the_dtype(client, family, dtype,
         assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=6, ignore_eos=True)] == want_tokens
         held = [s["memory"]["weights_bytes"] for s in llm.stats()]
         assert held == llm.weight_bytes(), "ranks hold other bytes than the plan computed"
-        assert f"rank 0: {held[0] / 2**20:.2f} MiB of weights ({dtype})" in llm.plan()
+        label = dtype if dtype != "auto" else "auto: " + ", ".join(sorted({"float32", _stored(family)}))
+        assert llm.dtype_label == label
+        assert f"rank 0: {held[0] / 2**20:.2f} MiB of weights ({label})" in llm.plan()
 
 
 def test_two_replicas_and_shipped_int8_slices(client):

@@ -125,3 +125,16 @@ def test_plan_and_bytes_report_the_resolved_dtype(gguf):
     lines = {line.split()[0]: line for line in text.splitlines()}
     assert lines["layers.0.wq"].endswith("int8") and lines["norm"].endswith("float32")
     assert dtype_label("auto", dtypes) == "auto: float32, int8" and dtype_label("int8", dtypes) == "int8"
+
+
+def test_shipped_q8_0_slices_keep_the_files_blocks(gguf):
+    """ship_weights=True sends the client's dequantized float32 slices; requantizing llama.cpp's Q8_0
+    blocks gives them back unchanged (d = 127 d / 127, q = round(d q / d)), as a rank with the file reads."""
+    from daskllm.io.loader import ShippedShards, read_rank_shards
+    ckpt = gguf("Q8_0")
+    slices = {"layers.0.w_down": (slice(None), slice(128, 256)), "layers.1.wq": None}
+    shipped = ShippedShards(ckpt.config, {n: ckpt.shape(n) for n in slices}, read_rank_shards(ckpt, slices))
+    got = read_weights(shipped, slices, dtype="auto", dtypes=resolve_dtype(ckpt, "auto"))
+    want = read_weights(ckpt, slices, dtype="auto")
+    for name in slices:
+        assert np.array_equal(got[name].qs, want[name].qs) and np.array_equal(got[name].d, want[name].d), name
