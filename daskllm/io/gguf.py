@@ -6,12 +6,12 @@ of a quantized matrix, and for a column slice the whole blocks that cover it (a 
 that starts or ends inside a block reads that block and drops the values outside).
 Quantized blocks are dequantized to float32 with `gguf.quants.dequantize`, on the slice only.
 
-Weights at their own size (issue 11's `dtype=` and int8 Q8_0 kernels, not yet on main when this
-was written): `raw_blocks` hands a rank its quantized blocks as stored (Q/K rows unpermuted), so
-Q8_0 maps onto kernels.formats.Q8_0 with from_interleaved and no arithmetic; the 4-bit and K types
-are to be requantized to Q8_0 from the dequantized slice (measured on SmolLM2 Q4_1: +0.6% relative
-RMS weight error, max logit change 3.6% of the largest logit, the same 24 greedy tokens).
-Until then every quantized type is dequantized to float32.
+Weights at their own size (issue 11's `dtype=`): "auto" holds F32/F16/BF16 as stored and every
+quantized type as int8 (`auto_dtype`; io.loader.resolve_dtype decides per tensor). `read_q8_0` hands a
+rank its Q8_0 blocks as stored (`raw_blocks`, Q/K rows unpermuted) mapped onto kernels.formats.Q8_0
+with from_interleaved and no arithmetic; the 4-bit and K types are requantized to Q8_0 by the loader
+from the dequantized slice (measured on SmolLM2 Q4_1: +0.55-0.63% relative RMS weight error, max
+logit change 3.6% of the largest logit, the same 24 greedy tokens). dtype "float32" dequantizes all.
 
 llama.cpp's converter reorders the rows of each Llama query and key head so that RoPE
 rotates interleaved pairs (GGML's "normal" rope); our forward, like Hugging Face's, rotates
@@ -53,7 +53,7 @@ _OURS_TO_GGUF = {o: g for g, o in GGUF_TO_OURS.items()}
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED_QK = {"llama"}     # the converter permutes q/k rows for these (Qwen uses NEOX rope: no permutation)
 
-# Types read (and dequantized to float32): the float types and those gguf.quants dequantizes.
+# Types read: the float types and those gguf.quants dequantizes (held as int8 under dtype "auto").
 TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 _STORED = {T.F32: np.float32, T.F16: np.float16, T.BF16: ml_dtypes.bfloat16}
