@@ -10,6 +10,7 @@ from numpy.testing import assert_allclose
 from safetensors.numpy import save_file
 
 from conftest import DENSE, MOE, golden_dir, load_golden
+from lossy import kl_and_agreement
 from daskllm import kernels
 from daskllm.io.checkpoint import Checkpoint
 from daskllm.io.loader import read_weights, target_dtype
@@ -92,11 +93,6 @@ def test_16_bit_checkpoints_match_transformers(single_rank, family):
     assert_close(got, [golden[f"native_{i}"] for i in CASES], 16 * u, f"{family} vs transformers 16-bit")
 
 
-def _log_softmax(x):
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 @pytest.mark.parametrize("family", DENSE + MOE)
 def test_int8_stays_close_to_float32(single_rank, family):
     """int8 (Q8_0) against the float32 model on every position of the golden prompts.
@@ -107,17 +103,7 @@ def test_int8_stays_close_to_float32(single_rank, family):
     1e-3 nats on average and 0.1 nats at any position (MoE routing may flip on a token).
     """
     want, got = single_rank(family, "float32"), single_rank(family, "int8")
-    agree, kls = [], []
-    for w, g in zip(want, got):
-        top2 = np.sort(w, axis=-1)[:, -2:]
-        clear = top2[:, 1] - top2[:, 0] > 0.1
-        same = w.argmax(-1) == g.argmax(-1)
-        assert same[clear].all(), f"{family}: int8 changed a clear top-1 at positions {np.nonzero(clear & ~same)[0]}"
-        agree.append(same)
-        lw, lg = _log_softmax(w.astype(np.float64)), _log_softmax(g.astype(np.float64))
-        kls.append((np.exp(lw) * (lw - lg)).sum(-1))
-    assert np.concatenate(agree).mean() >= 0.9, f"{family}: int8 top-1 agrees on {np.concatenate(agree).mean():.0%}"
-    kl = np.concatenate(kls)
+    kl = kl_and_agreement(want, got, f"{family} int8")
     assert kl.mean() <= 1e-3 and kl.max() <= 0.1, f"{family}: KL mean {kl.mean():.2e}, max {kl.max():.2e}"
 
 
