@@ -35,6 +35,7 @@ from .parallel.build import check_weights_fit, format_rank_bytes, rank_weight_by
 from .parallel.mesh import Mesh
 from .parallel.plan import format_plan
 from .runtime import settings
+from .runtime.connect import client_for_address, local_cluster
 from .runtime.placement import check_checkpoint_on_workers, place, rank_counts, worker_table
 from .runtime.replica import Replica
 
@@ -124,26 +125,12 @@ class LLM:
     # -- start-up ------------------------------------------------------------------------
 
     def _connect(self, client, address, security, threads_per_worker):
-        from distributed import Client, LocalCluster
         if client is not None:
             return client
         if address is not None:
-            timeout = settings.get("connect-timeout")
-            try:
-                self._own_client = Client(address, security=security, direct_to_workers=True,
-                                          set_as_default=False, timeout=timeout)
-            except (OSError, TimeoutError, ValueError) as e:
-                hint = _tls_hint(address, security)
-                raise ConnectionError(
-                    f"could not reach a Dask scheduler at {address!r} within {timeout:g} s "
-                    f"(daskllm.connect-timeout): {type(e).__name__}: {e}. " + (hint or "Check that a scheduler "
-                    "runs there and the address is right (e.g. tcp://host:8786, tls://... for TLS clusters)")) from e
-            return self._own_client
-        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.mesh.world_size)
-        self._own_cluster = LocalCluster(n_workers=self.mesh.world_size, threads_per_worker=threads,
-                                         processes=True, dashboard_address=":0")
-        # Private: the user's own Dask work must not land on this cluster.
-        self._own_client = Client(self._own_cluster, direct_to_workers=True, set_as_default=False)
+            self._own_client = client_for_address(address, security)
+        else:
+            self._own_cluster, self._own_client = local_cluster(self.mesh.world_size, threads_per_worker)
         return self._own_client
 
     def _start(self, progress):
@@ -496,15 +483,6 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _tls_hint(address, security):
-    """What to change when TLS is on one side only (placement.tls_mismatch), else None."""
-    from .runtime.placement import tls_mismatch
-    try:
-        return tls_mismatch(address, security, timeout=2.0)
-    except (OSError, ValueError):       # an address it cannot parse or resolve: no hint
-        return None
 
 
 def _sampling_kwargs(kwargs) -> dict:
