@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import gc
+import warnings
+
 import dask
 import numpy as np
 import pytest
@@ -53,6 +56,17 @@ def _cannot_run() -> list:
     except ImportError:
         missing.append("paramiko (pip install 'daskllm[ssh]')")
     return missing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_refused_connections():
+    """The refusal tests (TLS on one side only, an unreachable scheduler) leave sockets of
+    distributed's failed connection attempts for the garbage collector: collect them when this
+    module ends, so their ResourceWarning is not raised inside an unrelated later test."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture(scope="module")
