@@ -166,6 +166,7 @@ def test_rank_traffic_on_the_wire(bed, cluster):
     with LLM(LLAMA, tp=2, client=cluster) as llm:
         llm.generate([PROMPTS[0]], max_new_tokens=4, ignore_eos=True)
     flows = capture.stop()
+    assert capture.dropped == 0, f"tcpdump dropped {capture.dropped} packets: the streams have holes"
     ranks = _rank_flows(flows, cluster)
     assert ranks, f"no rank-to-rank flow between hosts in the capture: {sorted(flows)}"
     assert sum(len(v) for v in ranks.values()) > 4 * len(marker)
