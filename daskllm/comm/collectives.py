@@ -249,6 +249,20 @@ class GroupCommunicator(Communicator):
         self._end(op)
         return _to_device(out, dev)
 
+    def send(self, x, *, dst, timeout=None) -> None:
+        """x to group rank `dst` (which calls recv(src=this rank)); returns once it is sent."""
+        x, _ = _to_host(x)
+        op = self._begin("send", timeout)
+        self._send(op, dst, [x])
+        self._end(op)
+
+    def recv(self, *, src, like=None, timeout=None):
+        """What group rank `src` sent with send(dst=this rank); on the device of `like` (None: host)."""
+        op = self._begin("recv", timeout)
+        out = self._recv(op, src)[0]
+        self._end(op)
+        return _to_device(out, like is not None and type(like).__module__.startswith("cupy"))
+
     def broadcast(self, x, *, root=0, timeout=None):
         """x of root (ignored elsewhere) -> root's x on every rank."""
         if not 0 <= root < self.size:

@@ -29,7 +29,7 @@ def plan(plan, layer: int = 0, ax=None):
     along its split dimension into the pieces each rank of a replica holds."""
     mesh, specs, shapes = plan.mesh, plan.specs, plan.shapes
     from ..parallel.mesh import Mesh
-    coords = [Mesh(1, mesh.tp, mesh.sp, mesh.ep).coords(r) for r in range(mesh.replica_size)]
+    coords = [mesh.replica().coords(r) for r in range(mesh.replica_size)]
     rows = [n for n in specs if not n.startswith("layers.")] + \
            [n for n in specs if n.startswith(f"layers.{layer}.") and not _EXPERT.fullmatch(n)]
     experts = {}

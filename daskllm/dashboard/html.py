@@ -46,7 +46,7 @@ class Plan(str):
     def rows(self) -> list:
         """(tensor, shape, spec, [what local rank r holds]): layers that split alike fold into one
         `layers.*.<part>` row, and the experts of a layer into one `experts.*.<part>` row."""
-        coords = [Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep).coords(r) for r in range(self.mesh.replica_size)]
+        coords = [self.mesh.replica().coords(r) for r in range(self.mesh.replica_size)]
         groups = {}                  # part -> {layer (None outside layers): [(expert, name, spec)]}
         for name, spec in self.specs.items():
             part, layer, expert = name, None, None

@@ -136,7 +136,7 @@ def load_progress(llm, placement: list):
     from ..parallel.plan import rank_slices
     from ..runtime.load_report import slice_bytes
     ckpt, mesh = llm.checkpoint, llm.mesh
-    replica_mesh = Mesh(1, mesh.tp, mesh.sp, mesh.ep)
+    replica_mesh = mesh.replica()
     plan = compose.full_plan(llm.config, replica_mesh)
     shapes = {name: ckpt.shape(name) for name in plan}
     per_local = [sum(slice_bytes(ckpt, n, i) for n, i in rank_slices(plan, shapes, replica_mesh.coords(r)).items())

@@ -37,6 +37,7 @@ class ReplicaEngine:
         self._waiting = deque()
         self._running = {}                   # request id -> Request
         self._fed = {}                       # request id -> tokens of its context already in the cache
+        self._busy = set()                   # request ids in a step not yet answered (pipelined replicas)
         self._release = []
         # (seconds of a loop turn, the slowest rank's compute in it): the control path's cost
         # is the difference (benchmarks/dask_tax.py)
@@ -135,15 +136,17 @@ class ReplicaEngine:
         """All of its context is cached except the last generated token, which it feeds next."""
         return bool(req.generated) and self._fed[req.id] == len(req.prompt) + len(req.generated) - 1
 
-    def _plan_step(self) -> list:
-        """Work for this step: decodes first (one token each), then prefill chunks up to the token cap."""
+    def _plan_step(self, limit: int) -> list:
+        """Work for this step: decodes first (one token each), then prefill chunks up to the token cap;
+        at most `limit` sequences, none of those already in a step in flight."""
+        free = [r for r in self._running.values() if r.id not in self._busy][:limit]
         work, tokens = [], 0
-        for req in self._running.values():
+        for req in free:
             if self._decoding(req):
                 work.append(Work(req.id, (req.generated[-1],), self._fed[req.id], True, req.params,
                                  len(req.generated)))
                 tokens += 1
-        for req in self._running.values():
+        for req in free:
             if self._decoding(req):
                 continue
             room = self.max_batch_tokens - tokens
@@ -172,50 +175,93 @@ class ReplicaEngine:
             _close_quietly(self.replica)
 
     def _run(self):
+        """Each turn sends a step or takes the answer of the oldest step in flight.
+
+        A pipelined replica (pp stages) keeps up to pp steps in flight, each over its own share of the
+        running sequences (a micro-batch), so that every stage has one to run; other replicas keep one."""
+        depth = getattr(self.replica, "pipeline_depth", 1)
+        in_flight = deque()                  # (finish, work, release, turn start), oldest first
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._running and not self._release:
+                while not self._stop and not in_flight and not self._waiting and not self._running \
+                        and not self._release:
                     self._cond.wait()
                 if self._stop:
-                    return
+                    break
                 turn_start = time.perf_counter()
                 self._drop_finished()
                 self._admit()
-                work = self._plan_step()
-                release, self._release = self._release, []
-                if not work and not release:     # all waiting, the budget held by a call beside
+                work, release = [], []
+                # Room for another step, unless a call from another thread waits for the ranks.
+                if len(in_flight) < depth and not (in_flight and getattr(self.replica, "others_waiting", False)):
+                    work = self._plan_step(limit=-(-len(self._running) // depth))
+                    if work or not in_flight:        # a release alone goes only when nothing is in flight
+                        release, self._release = self._release, []
+                if not work and not release and not in_flight:   # all waiting, the budget held by a call beside
                     self._cond.wait(1.0)
                     continue
-            start = time.perf_counter()
-            try:
-                chosen = self.replica.step(work, release) if work else self.replica.release(release)
-            except ReplicaError as error:   # a rank is lost or frozen: its requests move on
-                self._lost(error)
+                self._busy.update(w.seq for w in work)
+            if work or release:
+                try:
+                    in_flight.append((self._send(work, release), work, release, turn_start))
+                except ReplicaError as error:
+                    self._lost(error)
+                    return
+                if len(in_flight) < depth and work:
+                    continue                         # fill the pipeline before waiting for an answer
+            if in_flight and not self._receive(*in_flight.popleft()):
                 return
-            except Exception as error:      # noqa: BLE001 - the call failed, the ranks are fine
-                self._failed(work, release, error)
-                continue
-            self.steps += bool(work)
-            if work:
-                self.step_seconds += time.perf_counter() - start
+        while in_flight:                             # closing: let the ranks finish what they were sent
+            try:
+                in_flight.popleft()[0]()
+            except Exception:   # noqa: BLE001 - the requests were failed by close()
+                pass
+
+    def _send(self, work, release):
+        """Start a step; -> a function that waits for its answer, {seq: next token}."""
+        if work and hasattr(self.replica, "submit_step") and self.replica.pipeline_depth > 1:
+            self.replica.submit_step(work, release)
+            return self.replica.finish_step
+        if work:
+            return lambda: self.replica.step(work, release)
+        return lambda: self.replica.release(release)
+
+    def _receive(self, finish, work, release, turn_start) -> bool:
+        """Wait for a step's answer and give each request its token; False once the replica is lost."""
+        start = time.perf_counter()
+        try:
+            chosen = finish()
+        except ReplicaError as error:   # a rank is lost or frozen: its requests move on
+            self._lost(error)
+            return False
+        except Exception as error:      # noqa: BLE001 - the call failed, the ranks are fine
+            self._failed(work, release, error)
+            return True
+        finally:
             with self._cond:
-                for w in work:
-                    if w.seq in self._fed:
-                        self._fed[w.seq] = w.start + len(w.tokens)
-                for seq, token in (chosen or {}).items():
-                    req = self._running.get(seq)
-                    if req is None:
-                        continue
-                    try:
-                        req.add_token(token)
-                        self.tokens += 1
-                        if len(req.generated) == 1:
-                            self._ttft.append(req.first_token_at - req.submitted_at)
-                    except Exception as error:   # noqa: BLE001 - e.g. its decoder: this request only
-                        req.fail(RuntimeError(f"request {req.id} failed: {type(error).__name__}: {error}"))
-                self._drop_finished()
-            if work:
-                self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+                self._busy.difference_update(w.seq for w in work)
+        self.steps += bool(work)
+        if work:
+            self.step_seconds += time.perf_counter() - start
+        with self._cond:
+            for w in work:
+                if w.seq in self._fed:
+                    self._fed[w.seq] = w.start + len(w.tokens)
+            for seq, token in (chosen or {}).items():
+                req = self._running.get(seq)
+                if req is None:
+                    continue
+                try:
+                    req.add_token(token)
+                    self.tokens += 1
+                    if len(req.generated) == 1:
+                        self._ttft.append(req.first_token_at - req.submitted_at)
+                except Exception as error:   # noqa: BLE001 - e.g. its decoder: this request only
+                    req.fail(RuntimeError(f"request {req.id} failed: {type(error).__name__}: {error}"))
+            self._drop_finished()
+        if work:
+            self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+        return True
 
     def _failed(self, work, release, error):
         """A step that raised on the ranks fails the requests in it; their caches are freed."""

@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 
 from ..model.cache import capacity_for
+from ..parallel.pipeline import stage_bounds
 from ..runtime import settings
 
 
@@ -194,7 +195,10 @@ def kv_reservation(tokens: int, sp: int = 1, chunk: int = 4096) -> int:
 def kv_bytes_per_token(cfg, mesh) -> int:
     """KV-cache bytes one token costs on the rank holding it (float32 keys and values + position)."""
     kv_heads_here = -(-cfg.n_kv_heads // mesh.tp)    # the most any rank holds (uneven GQA splits)
-    return cfg.n_layers * (2 * kv_heads_here * cfg.head_dim * 4 + 8)
+    layers_here = cfg.n_layers
+    if mesh.pp > 1:                                   # the largest pipeline stage's layers
+        layers_here = max(hi - lo for lo, hi in stage_bounds(cfg, mesh.pp))
+    return layers_here * (2 * kv_heads_here * cfg.head_dim * 4 + 8)
 
 
 def budget_tokens(worker_memory: int, weights_bytes: int, per_token: int, mesh, sharing: int = 1) -> int:

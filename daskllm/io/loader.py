@@ -20,6 +20,8 @@ _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 def structure(flat: dict, n_layers: int, tie_embeddings: bool, vocab_start: int = 0) -> Weights:
     """Flat {our name: array} -> Weights, with expert and shared-expert weights nested per layer."""
     layers = [dict() for _ in range(n_layers)]
+    held = sorted({int(m.group(1)) for m in map(_LAYER.match, flat) if m})
+    first, end = (held[0], held[-1] + 1) if held else (0, 0)     # a pipeline stage holds a run of layers
     for name, array in flat.items():
         m = _LAYER.match(name)
         if not m:
@@ -32,16 +34,18 @@ def structure(flat: dict, n_layers: int, tie_embeddings: bool, vocab_start: int 
             layer.setdefault("shared", {})[part.split(".")[1]] = array
         else:
             layer[part] = array
+    layers = layers[first:end]
     for layer in layers:   # an expert-parallel rank may hold no expert of a layer
         if "router" in layer:
             layer.setdefault("experts", {})
         for part in [layer] + list(layer.get("experts", {}).values()) + [layer.get("shared", {})]:
             fuse_projections(part)
             as_matmul_layout(part)
-    embed = flat["embed"]
-    lm_head = embed if tie_embeddings else _matmul_layout(flat["lm_head"])
-    return Weights(embed=embed, norm=flat["norm"], lm_head=lm_head,
-                   layers=layers, vocab_start=vocab_start)
+    embed, norm, lm_head = flat.get("embed"), flat.get("norm"), None   # a pipeline stage holds only its ends
+    if norm is not None:                                                  # the last stage (or the only one)
+        lm_head = embed if tie_embeddings else _matmul_layout(flat["lm_head"])
+    return Weights(embed=embed, norm=norm, lm_head=lm_head,
+                   layers=layers, vocab_start=vocab_start, first_layer=first)
 
 
 def fuse_projections(weights: dict):

@@ -51,12 +51,14 @@ class Batch:
 @dataclass
 class Weights:
     """One rank's weights, structured: globals plus one dict per layer (see io.names;
-    q/k/v and gate/up are fused at load time by io.loader.fuse_projections)."""
-    embed: object                      # (V, D) vocabulary rows held here
-    norm: object                       # (D,)
-    lm_head: object                    # (V, D); the embedding itself when tied
+    q/k/v and gate/up are fused at load time by io.loader.fuse_projections).
+    A pipeline stage holds a run of layers from `first_layer`, and None for the ends it lacks."""
+    embed: object                      # (V, D) vocabulary rows held here; None after the first stage
+    norm: object                       # (D,); None before the last stage
+    lm_head: object                    # (V, D); the embedding itself when tied; None before the last stage
     layers: list = field(default_factory=list)
     vocab_start: int = 0               # global id of the first row of embed / lm_head
+    first_layer: int = 0               # global index of layers[0]
 
     def arrays(self) -> list:
         """Every weight held (each once), any layout."""
@@ -89,20 +91,23 @@ class Transformer:
         self.weights = weights
         self.seams = seams
         self.moe_stats = moe_stats
+        self.xp = array_module(weights.arrays()[0])
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, batch: Batch, cache) -> object:
-        """Final hidden states after the last norm.  -> (N, D)"""
-        w = self.weights
-        xp = array_module(w.norm)
-        x = self.seams.embed(w.embed, xp.asarray(batch.tokens))                    # (N, D)
-        cos, sin = rope_cos_sin(xp.asarray(self.inv_freq), xp.asarray(batch.positions))
-        for i, layer in enumerate(w.layers):
+        """Final hidden states after the last norm.  -> (N, D); None on a pipeline stage before the last."""
+        w, xp = self.weights, self.xp
+        positions = xp.asarray(batch.positions)
+        # The first pipeline stage (or the only one) embeds; a later stage receives the previous one's output.
+        x = self.seams.stage_input(lambda: self.seams.embed(w.embed, xp.asarray(batch.tokens)), positions)  # (N, D)
+        cos, sin = rope_cos_sin(xp.asarray(self.inv_freq), positions)
+        for i, layer in enumerate(w.layers, start=w.first_layer):
             x = x + self.attention(i, layer, rms_norm(x, layer["attn_norm"], self.cfg.rms_norm_eps),
                                    batch, cache, cos, sin)
             x = x + self.mlp(i, layer, rms_norm(x, layer["mlp_norm"], self.cfg.rms_norm_eps))
-        return rms_norm(x, w.norm, self.cfg.rms_norm_eps)
+        x = self.seams.stage_output(x)          # None on a stage before the last: x went on to the next
+        return None if x is None else rms_norm(x, w.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden):
         """Logits over the vocabulary rows held here.  (N, D) -> (N, V)"""

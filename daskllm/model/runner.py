@@ -12,7 +12,6 @@ import numpy as np
 from .. import kernels
 from .cache import KVCache
 from .forward import Batch, Transformer
-from .layers import array_module
 from .sampling import SamplingParams, next_tokens
 
 
@@ -41,8 +40,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, tp_comm=None, cache_budget_bytes=None):
         self.model = model
         self.tp_comm = tp_comm
-        xp = array_module(model.weights.norm)
-        self.cache = KVCache(model.cfg.n_layers, xp=xp, budget_bytes=cache_budget_bytes)
+        self.cache = KVCache(model.cfg.n_layers, xp=model.xp, budget_bytes=cache_budget_bytes)
         self.low_bit = model.weights.has_low_bit()
 
     def step(self, work: list) -> dict:
@@ -53,7 +51,7 @@ class ModelRunner:
         with kernels.decode_scope(self.low_bit, len(batch.tokens)):
             hidden = self.model.forward(batch, self.cache)                   # (N, D)
         sampled = [i for i, w in enumerate(work) if w.sample]
-        if not sampled:
+        if not sampled or hidden is None:       # None: a pipeline stage before the last samples nothing
             return {}
         last = self.model.seams.last_hidden(hidden, batch, sampled)          # (B', D)
         logits = self.model.logits(last)                                     # (B', V)
@@ -62,13 +60,17 @@ class ModelRunner:
                              self.tp_comm)
         return {work[i].seq: int(t) for i, t in zip(sampled, chosen)}
 
-    def full_logits(self, sequences: list) -> list:
-        """float32 (len, vocab) logits of every position of each token list (caches freed after)."""
+    def full_logits(self, sequences: list) -> list | None:
+        """float32 (len, vocab) logits of every position of each token list (caches freed after);
+        None on a pipeline stage before the last."""
         ids = [-(i + 1) for i in range(len(sequences))]      # negative ids never clash with requests
         batch = Batch.build([(sid, list(toks), 0) for sid, toks in zip(ids, sequences)])
         local = self.model.seams.local_batch(batch)
         try:
-            hidden = self.model.seams.all_hidden(self.model.forward(local, self.cache), local)  # (N, D)
+            hidden = self.model.forward(local, self.cache)
+            if hidden is None:
+                return None
+            hidden = self.model.seams.all_hidden(hidden, local)               # (N, D)
             logits = self.model.logits(hidden)                               # (N, V)
             if self.tp_comm is not None and self.tp_comm.size > 1:
                 logits = self.tp_comm.all_gather(logits, dim=1)              # (N, vocab)

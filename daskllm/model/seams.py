@@ -49,6 +49,11 @@ def local_all_hidden(hidden, batch):
     return hidden
 
 
+def embed_here(embed, like):
+    """The first stage's input: its own embedding of the tokens (`embed()`); `like` is for later stages."""
+    return embed()
+
+
 def whole_batch(batch):
     """The tokens this rank processes: all of them."""
     return batch
@@ -58,6 +63,8 @@ def whole_batch(batch):
 class Seams:
     """The replaceable steps of the forward; defaults are the single-rank computation."""
     local_batch: Callable = whole_batch    # (batch) -> the part of the batch this rank processes
+    stage_input: Callable = embed_here     # (embed thunk, a device array) -> (N, D) input of the layers held
+    stage_output: Callable = identity      # (N, D) after the layers held -> itself, or None once sent on
     embed: Callable = local_embed          # (table, ids) -> (N, D)
     attention_out: Callable = identity     # output of the O projection -> summed over tp ranks
     mlp_out: Callable = identity           # output of the down projection -> summed over tp ranks

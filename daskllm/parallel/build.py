@@ -43,7 +43,7 @@ def rank_weight_bytes(checkpoint, mesh: Mesh, options: dict) -> list:
     """Weight bytes each rank of one replica will hold in options["dtype"] (per tensor: options["dtypes"]
     when resolved), from the headers alone."""
     from .compose import full_plan
-    replica = Mesh(1, mesh.tp, mesh.sp, mesh.ep)
+    replica = mesh.replica()
     plan = full_plan(checkpoint.config, replica, options)
     shapes = {name: checkpoint.shape(name) for name in plan}
     dtype = options.get("dtype", "float32")

@@ -6,7 +6,8 @@ Each strategy module (tensor, sequence, expert) offers the same three functions:
   seams(cfg, mesh, coords, comms, seams, options) -> Seams   its collectives added to `seams`
 `options` carries strategy settings chosen by the user (e.g. {"sp_variant": "ring"}).
 Composition is in a fixed order: tensor, then sequence, then expert; each later plan
-overrides the specs of the tensors it owns (the expert tensors, for ep).
+overrides the specs of the tensors it owns (the expert tensors, for ep). Pipeline comes last:
+its plan(cfg, mesh, plan) places every spec chosen so far on the stages holding its tensor.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from ..io.names import expected_shapes
 from ..model.config import ModelConfig
 from ..model.seams import LOCAL, Seams
 from .mesh import Mesh, MeshError
-from .plan import Split, replicated_plan
+from .plan import Split, Staged, replicated_plan
 
-STRATEGY_MODULES = {"tp": "tensor", "sp": "sequence", "ep": "expert"}
+STRATEGY_MODULES = {"tp": "tensor", "sp": "sequence", "ep": "expert", "pp": "pipeline"}
 
 
 def _strategy(axis: str):
@@ -51,7 +52,10 @@ def full_plan(cfg: ModelConfig, mesh: Mesh, options: dict | None = None) -> dict
     plan = replicated_plan(expected_shapes(cfg))
     for axis in active_axes(mesh):
         module = _strategy(axis)
-        plan.update(module.plan(cfg, mesh, options) if axis == "tp" else module.plan(cfg, mesh))
+        if axis == "pp":
+            plan = module.plan(cfg, mesh, plan)
+        else:
+            plan.update(module.plan(cfg, mesh, options) if axis == "tp" else module.plan(cfg, mesh))
     return plan
 
 
@@ -72,7 +76,7 @@ def rank_setup(cfg: ModelConfig, mesh: Mesh, rank: int, comms: dict, options: di
     seams = LOCAL
     for axis in active_axes(mesh):
         seams = _strategy(axis).seams(cfg, mesh, coords, comms, seams, options or {})
-    embed_spec = plan["embed"]
+    embed_spec = plan["embed"].inner if isinstance(plan["embed"], Staged) else plan["embed"]
     vocab_start = embed_spec.bounds(coords[embed_spec.axis])[0] if isinstance(embed_spec, Split) else 0
     tp_comm = comms.get("tp") if mesh.tp > 1 else None
     return RankSetup(coords, plan, seams, vocab_start, tp_comm)
@@ -85,4 +89,4 @@ def axis_communicators(transport, mesh: Mesh, rank: int, timeout: float) -> dict
     """
     from ..comm.collectives import GroupCommunicator
     return {axis: GroupCommunicator(transport, mesh.group(rank, axis), tag=axis, default_timeout=timeout)
-            for axis in ("tp", "sp", "ep", "replica")}
+            for axis in ("tp", "sp", "ep", "pp", "replica")}

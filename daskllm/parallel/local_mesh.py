@@ -17,7 +17,7 @@ from .mesh import Mesh
 
 
 class InProcessReplica:
-    """tp x sp ranks of one replica, in threads.
+    """The pp x tp x sp ranks of one replica, in threads.
 
     Example
     -------
@@ -53,11 +53,10 @@ class InProcessReplica:
         return [f.result(timeout=self.timeout) for f in futures]
 
     def logits(self, sequences) -> list:
-        return self._all(lambda r: self.runners[r].full_logits(sequences))[0]
+        return self._all(lambda r: self.runners[r].full_logits(sequences))[self.mesh.sampling_rank]
 
     def step(self, work) -> dict:
-        results = self._all(lambda r: self.runners[r].step(work))
-        return results[0]
+        return self._all(lambda r: self.runners[r].step(work))[self.mesh.sampling_rank]
 
     def generate(self, prompts, max_new_tokens, params=SamplingParams()) -> list:
         """Token ids generated for each prompt (no eos stop): prefill all, then decode together."""

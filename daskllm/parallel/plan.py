@@ -8,6 +8,7 @@ Specs:
                                 repeat may be a tuple, ranks per piece, when pieces are held
                                 by different numbers of ranks (e.g. 2 KV heads over 3 ranks: (2, 1))
   Experts(axis, owner)          MoE expert tensors: held whole by the rank of `axis` that owns the expert
+  Staged(stages, inner)         pipeline: only the ranks of these stages hold the tensor, as `inner` says
 A plan maps our tensor names (see io.names) to specs; `rank_slices` turns it into the exact
 slice each rank reads from disk.
 """
@@ -64,6 +65,24 @@ class Experts:
         return f"Experts(axis={self.axis!r}, owner={self.owner})"
 
 
+@dataclass(frozen=True)
+class Staged:
+    stages: tuple     # pipeline stages whose ranks hold the tensor (two for a tied embedding)
+    inner: object     # how it is spread over the ranks of such a stage
+
+    def __str__(self):
+        where = f"stage {self.stages[0]}" if len(self.stages) == 1 else f"stages {list(self.stages)}"
+        return f"{self.inner} on {where}"
+
+
+def held_spec(spec, coords: dict):
+    """The spec of what the rank at `coords` holds of a tensor: `spec` without its stage, or None
+    when the rank's stage does not hold the tensor."""
+    if isinstance(spec, Staged):
+        return spec.inner if coords.get("pp", 0) in spec.stages else None
+    return spec
+
+
 def replicated_plan(shapes: dict) -> dict:
     """Every tensor whole on every rank: the single-rank and data-parallel plan."""
     return {name: Replicated() for name in shapes}
@@ -76,6 +95,9 @@ def rank_slices(plan: dict, shapes: dict, coords: dict) -> dict:
     """
     out = {}
     for name, spec in plan.items():
+        spec = held_spec(spec, coords)
+        if spec is None:
+            continue
         if isinstance(spec, Replicated):
             out[name] = None
         elif isinstance(spec, Split):

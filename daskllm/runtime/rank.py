@@ -35,7 +35,7 @@ def _worker_host(worker) -> str:
 
 
 class RankActor:
-    """One rank of one replica (local rank `local_rank` of a tp x sp replica).
+    """One rank of one replica (local rank `local_rank` of a pp x tp x sp replica).
 
     Created by the driver with ``client.submit(RankActor, ..., actor=True, workers=[addr])``.
     Every method is called by the driver (runtime.replica.Replica), once per step at most.
@@ -44,7 +44,7 @@ class RankActor:
     def __init__(self, local_rank: int, mesh: tuple, options: dict, comm_timeout: float):
         self.local_rank = local_rank
         self.mesh = Mesh(*mesh)
-        self.replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
+        self.replica_mesh = self.mesh.replica()
         self.options = options
         self.comm_timeout = comm_timeout
         threads = _worker().state.nthreads
@@ -140,9 +140,9 @@ class RankActor:
         return self._step(work, release)
 
     def logits(self, sequences: list) -> list:
-        """Full float32 logits of each token list (a check path; only local rank 0's are used)."""
+        """Full float32 logits of each token list (a check path; only the sampling rank's are used)."""
         out = self.runner.full_logits(sequences)
-        return out if self.local_rank == 0 else None
+        return out if self.local_rank == self.replica_mesh.sampling_rank else None
 
     def release(self, seq_ids: list) -> bool:
         self.runner.release(seq_ids)

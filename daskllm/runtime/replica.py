@@ -1,4 +1,4 @@
-"""Replica: the driver's handle on the tp x sp rank actors of one model replica.
+"""Replica: the driver's handle on the pp x tp x sp rank actors of one model replica.
 
 Start-up places one actor per worker, hands out listening addresses so the ranks connect
 to each other directly, loads the shards, and opens one control connection from the
@@ -56,10 +56,7 @@ def _ordered(method):
     """Run a driver call under the replica's order lock (see the module docstring)."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        wait = 2 * settings.get("step-timeout")
-        if not self._order.acquire(timeout=wait):
-            raise ReplicaError(f"replica {self.index}: another driver call held its ranks for over {wait:.0f} s",
-                               self.index)
+        self._take_order()
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -68,7 +65,7 @@ def _ordered(method):
 
 
 class Replica:
-    """Ranks [first_rank, first_rank + tp*sp) of `mesh`, on `workers` (one per rank)."""
+    """Ranks [first_rank, first_rank + replica_size) of `mesh`, on `workers` (one per rank)."""
 
     def __init__(self, client, index: int, workers: list, mesh: Mesh, path: str, options: dict,
                  on_rank_loaded=None, ship_from=None):
@@ -84,8 +81,10 @@ class Replica:
         options = {**options, "epoch": self.epoch}
         self._links = []                 # control connections, rank order (empty: steps are actor calls)
         self._order = threading.Lock()   # one driver call at a time (see the module docstring)
+        self._waiting = 0                # threads waiting for the order lock
+        self._in_flight = []             # send times of the pipelined steps not yet answered, oldest first
         self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
-        mesh_tuple = (mesh.dp, mesh.tp, mesh.sp, mesh.ep)
+        mesh_tuple = mesh.as_tuple()
         control = settings.get("control")
         if control not in ("direct", "actor"):       # before any worker is touched
             raise ValueError(f"daskllm.control must be 'direct' or 'actor', got {control!r}")
@@ -121,7 +120,7 @@ class Replica:
         from ..parallel import compose
         from ..parallel.plan import rank_slices
         cfg = checkpoint.config
-        replica_mesh = Mesh(1, self.mesh.tp, self.mesh.sp, self.mesh.ep)
+        replica_mesh = self.mesh.replica()
         plan = compose.full_plan(cfg, replica_mesh, self.options)
         shapes = {name: checkpoint.shape(name) for name in plan}
         infos = []
@@ -200,12 +199,48 @@ class Replica:
         self.alive = False
         raise ReplicaError(f"{self._describe(r)} {what}", *where) from e
 
-    def _control_call(self, message: list, method: str) -> list:
-        """`message` to every rank over its control connection; their answers in rank order."""
+    def _take_order(self):
+        """Acquire the order lock, or fail after twice the step timeout."""
+        wait = 2 * settings.get("step-timeout")
+        self._waiting += 1
+        try:
+            if not self._order.acquire(timeout=wait):
+                raise ReplicaError(f"replica {self.index}: another driver call held its ranks for over {wait:.0f} s",
+                                   self.index)
+        finally:
+            self._waiting -= 1
+
+    @property
+    def others_waiting(self) -> bool:
+        """Whether a call from another thread waits for the ranks (the engine then lets its pipeline drain)."""
+        return self._waiting > 0
+
+    def _lose(self, error: ReplicaError):
+        """Mark the replica lost; a control stream may be mid-message, so none is reused."""
+        self.alive = False
+        for link in self._links:
+            link.close()
+        raise error
+
+    def _control_send(self, message: list, method: str) -> float:
+        """`message` to every rank over its control connection; the time it was sent."""
+        if not self.alive:
+            raise ReplicaError(f"replica {self.index} was lost earlier", self.index)
+        for r, link in enumerate(self._links):
+            try:
+                link.send(message)
+            except OSError as e:
+                self._lose(ReplicaError(f"{self._describe(r)} could not be sent its {method} message (worker process "
+                                        f"gone?): {e!r}", self.index, self.first_rank + r, self.workers[r]))
+        return time.monotonic()
+
+    def _control_collect(self, method: str, sent_at: float) -> list:
+        """Every rank's answer to the oldest message not yet answered, in rank order (the ranks answer
+        their messages in the order sent)."""
         if not self.alive:
             raise ReplicaError(f"replica {self.index} was lost earlier", self.index)
         timeout = settings.get("step-timeout")
-        deadline = time.monotonic() + timeout
+        deadline = sent_at + timeout
         results, first_error, raised = [None] * len(self._links), None, []
 
         def fail(r, what):
@@ -213,13 +248,6 @@ class Replica:
             first_error = first_error or ReplicaError(f"{self._describe(r)} {what}", self.index,
                                                       self.first_rank + r, self.workers[r])
         for r, link in enumerate(self._links):
-            try:
-                link.send(message)
-            except OSError as e:
-                fail(r, f"could not be sent its {method} message (worker process gone?): {e!r}")
-        for r, link in enumerate(self._links):
-            if first_error is not None and first_error.rank == self.first_rank + r:
-                continue
             try:
                 reply = link.recv(deadline - time.monotonic())
             except TimeoutError:
@@ -243,25 +271,64 @@ class Replica:
         if first_error is None and raised:
             fail(*raised[0])                     # some ranks raised, others stepped: they may differ now
         if first_error is not None:
-            self.alive = False
-            for link in self._links:             # a stream may be mid-message: never reuse it
-                link.close()
-            raise first_error
+            self._lose(first_error)
         return results
 
     @_ordered
     def step(self, work: list, release=()) -> dict:
         """Free the caches of `release`, then run one step; {seq: next token}."""
         if self._links:
-            answers = self._control_call(["step", [work_to_wire(w) for w in work], list(release)], "step")
+            message = ["step", [work_to_wire(w) for w in work], list(release)]
+            answers = self._control_collect("step", self._control_send(message, "step"))
         else:
             answers = self._call("step", work, list(release))
+        return self._tokens(answers)
+
+    def _tokens(self, answers: list) -> dict:
         self.last_compute = max(seconds for _, seconds in answers)
-        return answers[0][0]
+        return answers[self.mesh.sampling_rank][0]
+
+    # -- pipelined steps: several in flight, answered in order ---------------------------
+
+    @property
+    def pipeline_depth(self) -> int:
+        """How many steps the driver keeps in flight: one per pipeline stage, so that every stage has
+        a micro-batch to run (over the control connections; the actor path steps one at a time)."""
+        return self.mesh.pp if self._links else 1
+
+    def submit_step(self, work: list, release=()):
+        """Send a step to every rank without waiting for it; finish_step() returns the answers of the
+        oldest step in flight. From the first submit until the last answer the order lock is held, so
+        no other driver call gets between pipelined steps (the engine drains when others_waiting)."""
+        if not self._links:
+            raise RuntimeError("pipelined steps need the control connections (daskllm.control='direct')")
+        if not self._in_flight:
+            self._take_order()
+        try:
+            message = ["step", [work_to_wire(w) for w in work], list(release)]
+            self._in_flight.append(self._control_send(message, "step"))
+        except BaseException:
+            if not self.alive:                   # lost: what is in flight will never be answered
+                self._in_flight.clear()
+            if not self._in_flight:
+                self._order.release()
+            raise
+
+    def finish_step(self) -> dict:
+        """{seq: next token} of the oldest step in flight (raises what step() would)."""
+        sent_at = self._in_flight[0]
+        try:
+            return self._tokens(self._control_collect("step", sent_at))
+        finally:
+            self._in_flight.pop(0)
+            if not self.alive:                   # lost: the later steps will never be answered
+                self._in_flight.clear()
+            if not self._in_flight:
+                self._order.release()
 
     @_ordered
     def logits(self, sequences: list) -> list:
-        return self._call("logits", sequences)[0]
+        return self._call("logits", sequences)[self.mesh.sampling_rank]
 
     @_ordered
     def release(self, seq_ids: list):
