@@ -242,3 +242,22 @@ def test_page_in_chromium_shows_ranks_and_growing_token_count(client, monkeypatc
         assert listed.get("Daskllm") == "/daskllm", "the page is listed for dask-labextension"
     closed = _wait_for(data_url, lambda d: _llm_view(d, name)["closed"])
     assert _llm_view(closed, name)["closed"]
+
+
+def test_a_pipeline_plan_shows_what_each_stage_holds_and_draws():
+    from daskllm.dashboard import draw
+    from daskllm.dashboard.html import Plan
+    from daskllm.io.checkpoint import Checkpoint
+    from daskllm.io.names import expected_shapes
+    from daskllm.parallel import compose
+    cfg = Checkpoint(golden_dir("mixtral")).config
+    mesh = Mesh(tp=2, ep=2, pp=2)
+    plan = Plan(None, compose.full_plan(cfg, mesh), expected_shapes(cfg), mesh)
+    rows = {label: cells for label, _, _, cells in plan.rows()}
+    half = cfg.vocab_size // 2
+    assert rows["embed"] == [f"dim 0: 0:{half} of {cfg.vocab_size}", f"dim 0: {half}:{cfg.vocab_size} of {cfg.vocab_size}",
+                             "none", "none"]                                        # ranks 2, 3: stage 1
+    assert rows["layers.1.attn_norm"] == ["none", "none", "all", "all"]
+    assert rows["layers.0.experts.*.w_gate"][2:] == ["none", "none"]
+    ax = draw.plan(plan, layer=1)
+    assert any("rank 2,3" in t.get_text() or "ranks 2, 3" in t.get_text() for t in ax.texts)

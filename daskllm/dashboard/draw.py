@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from ..parallel.plan import Experts, Replicated, Split
+from ..parallel.plan import Experts, Replicated, Split, Staged
 
 _EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(.+)")
 
@@ -28,7 +28,6 @@ def plan(plan, layer: int = 0, ax=None):
     """The plan as a picture: one bar per tensor of `layer` (plus embed, norm, lm_head), cut
     along its split dimension into the pieces each rank of a replica holds."""
     mesh, specs, shapes = plan.mesh, plan.specs, plan.shapes
-    from ..parallel.mesh import Mesh
     coords = [mesh.replica().coords(r) for r in range(mesh.replica_size)]
     rows = [n for n in specs if not n.startswith("layers.")] + \
            [n for n in specs if n.startswith(f"layers.{layer}.") and not _EXPERT.fullmatch(n)]
@@ -42,23 +41,29 @@ def plan(plan, layer: int = 0, ax=None):
     for y, name in enumerate(rows):
         spec = specs[name]
         labels.append(f"{name}  {tuple(shapes[name])}")
+        ranks = range(len(coords))
+        if isinstance(spec, Staged):              # pipeline: only the ranks of its stages hold it
+            ranks = [r for r in ranks if coords[r].get("pp", 0) in spec.stages]
+            spec = spec.inner
         if isinstance(spec, Replicated):
             ax.barh(y, 1.0, color="0.85", edgecolor="0.5", hatch="//")
-            ax.text(0.5, y, "every rank", ha="center", va="center", fontsize=8)
+            every = "every rank" if len(ranks) == len(coords) else f"ranks {', '.join(map(str, ranks))}"
+            ax.text(0.5, y, every, ha="center", va="center", fontsize=8)
         elif isinstance(spec, Split):
             n = shapes[name][spec.dim]
-            for r, c in enumerate(coords):
-                lo, hi = spec.bounds(c.get(spec.axis, 0))
-                if any(spec.bounds(coords[q].get(spec.axis, 0)) == (lo, hi) for q in range(r)):
+            for r in ranks:
+                lo, hi = spec.bounds(coords[r].get(spec.axis, 0))
+                if any(spec.bounds(coords[q].get(spec.axis, 0)) == (lo, hi) for q in ranks if q < r):
                     continue                      # already drawn for a rank holding the same piece
-                holders = [q for q in range(len(coords)) if spec.bounds(coords[q].get(spec.axis, 0)) == (lo, hi)]
+                holders = [q for q in ranks if spec.bounds(coords[q].get(spec.axis, 0)) == (lo, hi)]
                 ax.barh(y, (hi - lo) / n, left=lo / n, color=_colour(r), edgecolor="white")
                 ax.text((lo + hi) / 2 / n, y, f"rank {','.join(map(str, holders))}  dim {spec.dim} {lo}:{hi}",
                         ha="center", va="center", fontsize=7, color="white")
     for i, (leaf, owned) in enumerate(sorted(experts.items())):
         y = len(rows) + i
         labels.append(f"experts.*.{leaf}  ({len(owned)} experts)")
-        for e, spec in sorted(owned):
+        for e, spec in sorted(owned, key=lambda pair: pair[0]):
+            spec = spec.inner if isinstance(spec, Staged) else spec
             owner = spec.owner if isinstance(spec, Experts) else 0
             rank = next(r for r, c in enumerate(coords) if c.get(spec.axis, 0) == owner) \
                 if isinstance(spec, Experts) else 0

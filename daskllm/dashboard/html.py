@@ -10,7 +10,7 @@ import html
 import re
 
 from ..parallel.mesh import Mesh
-from ..parallel.plan import Experts, Replicated, Split, format_plan
+from ..parallel.plan import Experts, Replicated, Split, Staged, format_plan
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"experts\.(\d+)\.(.+)")
@@ -84,6 +84,11 @@ class Plan(str):
 def _held(members: list, shapes: dict, coords: dict) -> str:
     """What the rank at `coords` holds of a group of tensors: all, a range of rows, or its experts."""
     _, name, spec = members[0]
+    if isinstance(spec, Staged):                  # pipeline: held by the ranks of some stages only
+        if coords.get("pp", 0) not in spec.stages:
+            return "none"
+        members = [(e, n, s.inner) for e, n, s in members]
+        spec = spec.inner
     if isinstance(spec, Replicated):
         return "all"
     if isinstance(spec, Split):

@@ -132,7 +132,6 @@ def load_progress(llm, placement: list):
     import secrets
 
     from ..parallel import compose
-    from ..parallel.mesh import Mesh
     from ..parallel.plan import rank_slices
     from ..runtime.load_report import slice_bytes
     ckpt, mesh = llm.checkpoint, llm.mesh
