@@ -191,6 +191,18 @@ def test_data_parallel_pipelines(client, deep):
 
 
 @pytest.mark.cluster
+def test_two_stages_of_tensor_and_expert_parallel_ranks_on_workers(client, deep):
+    ckpt = deep("qwen2_moe")
+    with InProcessReplica(ckpt, Mesh()) as one:
+        want = one.generate(PROMPTS, 6)
+    with LLM(ckpt.path, pp=2, tp=2, ep=2, client=client) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)] == want
+        stats = llm.comm_stats()
+    assert all(stats[r]["tp"]["all_reduce"]["calls"] > 0 for r in range(4))
+    assert stats[0]["pp"]["send"]["calls"] > 0 and stats[3]["pp"]["recv"]["calls"] > 0
+
+
+@pytest.mark.cluster
 def test_the_cli_runs_a_pipeline(deep):
     ckpt = deep("llama")
     tok = Tokenizer.from_dir(ckpt.path)
