@@ -77,8 +77,8 @@ def main():
     print(f"| {'configuration':<30} | tokens/s | vs 1 rank | rounds (tokens/s) |")
     print(f"| {'-' * 30} | -------: | --------: | ----------------- |")
     for name, rs in results.items():
-        print(f"| {name:<30} | {median[name]:8.1f} | {median[name] / base:8.2f}x | "
-              f"{', '.join(f'{r['tok_s']:.1f}' for r in rs)} |")
+        rounds = ", ".join(f"{r['tok_s']:.1f}" for r in rs)
+        print(f"| {name:<30} | {median[name]:8.1f} | {median[name] / base:8.2f}x | {rounds} |")
     print(f"\npp=2 stage boundary, one round: {sent / 2**20:.2f} MiB sent; analytic hidden x 4 B x tokens x (pp-1) = "
           f"{hidden} x 4 x {fed} x 1 = {analytic / 2**20:.2f} MiB (ratio {sent / analytic:.3f})")
 
