@@ -1,4 +1,4 @@
-"""tp=2 and dp=2 across hosts on slow links: bytes per token, decode step time, tokens/s.
+"""tp=2, pp=2 and dp=2 across hosts on slow links: bytes per token, decode step time, tokens/s.
 
 Three hosts are network namespaces on one machine (cluster/testbed.py), each with its own sshd;
 cluster/ssh.sh (dask ssh) starts the scheduler on h1 and one worker (1 thread) per host, and
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LINKS = [("veth, no shaping", None, None), ("1 Gbit/s, 0.2 ms", "1gbit", "0.2ms"), ("100 Mbit/s, 1 ms", "100mbit", "1ms")]
-MESHES = [("tp=2", {"tp": 2}), ("dp=2", {"dp": 2})]
+MESHES = [("tp=2", {"tp": 2}), ("pp=2", {"pp": 2}), ("dp=2", {"dp": 2})]
 
 
 def _rank_bytes(llm) -> int:
