@@ -181,6 +181,25 @@ def test_sixteen_requests_in_flight_through_two_stages_on_workers(client, deep):
 
 
 @pytest.mark.cluster
+def test_logits_from_another_thread_wait_for_the_pipeline_to_drain(client, deep):
+    """A driver call from another thread gets between pipelined steps only once none is in flight:
+    its logits and the generation's tokens both stay exact."""
+    ckpt = deep("llama")
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(1, 380, size=12)] for i in range(8)]
+    with InProcessReplica(ckpt, Mesh()) as one:
+        want_tokens, want_logits = one.generate(prompts, 24), one.logits(PROMPTS[:1])
+    with LLM(ckpt.path, pp=2, client=client) as llm:
+        requests = llm.submit(prompts, max_new_tokens=24, ignore_eos=True)
+        got_logits = []
+        while not all(r.finished for r in requests):
+            got_logits.append(llm.logits(PROMPTS[:1])[0])
+        assert [r.wait(timeout=60).token_ids for r in requests] == want_tokens
+    assert got_logits
+    for got in got_logits:
+        assert_allclose(got, want_logits[0], rtol=1e-5, atol=1e-5 * float(np.abs(want_logits[0]).max()))
+
+
+@pytest.mark.cluster
 def test_data_parallel_pipelines(client, deep):
     ckpt = deep("llama_mha_tied")
     with InProcessReplica(ckpt, Mesh()) as one:
