@@ -12,7 +12,7 @@ ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 
 
 def test_the_notebooks_are_there():
-    assert set(ALL) >= {"quickstart", "data", "tensor", "sequence", "expert", "mesh"}
+    assert set(ALL) >= {"quickstart", "data", "tensor", "sequence", "expert", "pipeline", "mesh"}
 
 
 @pytest.mark.parametrize("name", ALL)
