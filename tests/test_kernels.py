@@ -104,8 +104,9 @@ def test_16_bit_weights_widen_exactly_for_every_finite_value(native, monkeypatch
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 5, 300])                # decode kernel (<= 4 rows) and prefill tiles
 @pytest.mark.parametrize("cols", [64, 100])                     # whole blocks, and a partial last block
-def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols):
-    out = kernels.TILE_ROWS + 77                                   # two prefill tiles, the second partial
+def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols, monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_BYTES", 1024 * 4 * cols)    # 1024-row tiles: a small test matrix
+    out = kernels.tile_rows(cols) + 77                             # two prefill tiles, the second partial
     w = kernels.convert(_matrix(out, cols), dtype)
     x = RNG.standard_normal((rows, cols)).astype(np.float32)
     want = x.astype(np.float64) @ kernels.dequantize(w).astype(np.float64).T
