@@ -4,16 +4,20 @@ Run: python benchmarks/dtypes.py            (207M random Llama, about 3-4 min on
      python benchmarks/dtypes.py --big      (adds a ~1.1B Llama: ~9 GB of disk and memory, longer)
 
 One random Llama checkpoint (float32 on disk) per size, written to a temporary directory;
-each dtype loaded as one rank (build_runner, the code every rank runs) in a fresh process of
-its own (so resident memory is that dtype's alone), BLAS and the numba kernels on --threads
-threads. For each dtype:
+each dtype loaded as one rank (build_runner, the code every rank runs) in a process of its
+own (so resident memory is that dtype's alone), BLAS and the numba kernels on --threads
+threads. All the dtypes' processes stay up and take turns, one at a time, round after
+round (the order reversed every other round), so that a busy spell of the machine falls on
+every dtype alike; each figure is the median over the --rounds rounds. For each dtype:
   resident   weight bytes the rank holds (Weights.nbytes) against the analytic size
              (params x bytes per weight: 4, 2, or 34/32 for Q8_0 plus float32 norms), and
              the process's anonymous resident-memory growth over the load
-  decode     ms per greedy step of one sequence after a 16-token prompt (median of --steps)
+  decode     ms per greedy step of one sequence after a 16-token prompt (median of --steps
+             steps in a round)
   bound      the decode bytes (every weight once, the embedding table one row) over the copy
-             bandwidth measured in this run (numpy copy, bytes read + written per second)
-  prefill    seconds for one 512-token forward (median of --rounds), ratio to float32
+             bandwidth measured in this run (numpy copy, bytes read + written per second,
+             the median of one measurement before each round)
+  prefill    seconds for one 512-token forward (one per round), ratio to float32
 """
 from __future__ import annotations
 
@@ -92,8 +96,9 @@ def anonymous_memory() -> int:
     return 0
 
 
-def one(path, dtype, args) -> dict:
-    """Load `dtype` in this process and time it; plain numbers for the parent."""
+def serve(path, dtype, args):
+    """Load `dtype` in this process, report its memory, then time what the parent asks for:
+    one JSON line in answer to each "decode" or "prefill" line on stdin."""
     from threadpoolctl import threadpool_limits
 
     from daskllm import kernels
@@ -106,9 +111,37 @@ def one(path, dtype, args) -> dict:
     gc.collect()
     grown = anonymous_memory() - before
     time_decode(runner, 3)                                   # warm-up: kernels, caches
-    return {"held": runner.model.weights.nbytes(), "analytic": analytic_bytes(ckpt, dtype), "grown": grown,
-            "decode_bytes": decode_bytes(runner), "decode": time_decode(runner, args.steps),
-            "prefill": time_prefill(runner, args.prefill, args.rounds)}
+    print(json.dumps({"held": runner.model.weights.nbytes(), "analytic": analytic_bytes(ckpt, dtype),
+                      "grown": grown, "decode_bytes": decode_bytes(runner)}), flush=True)
+    for line in sys.stdin:
+        what = line.strip()
+        took = time_decode(runner, args.steps) if what == "decode" else time_prefill(runner, args.prefill, 1)
+        print(json.dumps({what: took}), flush=True)
+
+
+class Contender:
+    """One dtype's process (serve), asked in turn by the parent."""
+
+    def __init__(self, path, dtype, args):
+        cmd = [sys.executable, __file__, "--one", path, dtype, "--threads", str(args.threads),
+               "--steps", str(args.steps), "--prefill", str(args.prefill)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a dtype process ended early (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, what: str) -> float:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._answer()[what]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main():
@@ -121,30 +154,39 @@ def main():
     ap.add_argument("--one", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args)))
-        return
-    bandwidth = copy_bandwidth(args.threads)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written, {args.threads} threads)")
+        return serve(*args.one, args)
     for size in ["207M"] + (["1.1B"] if args.big else []):
         with tempfile.TemporaryDirectory() as tmp:
             params = random_llama(tmp, max_position=2048, **SIZES[size])
-            print(f"\n{size} Llama ({params / 1e6:.0f}M parameters), threads {args.threads}")
+            contenders = {}
+            try:
+                for dtype in DTYPES:
+                    contenders[dtype] = Contender(tmp, dtype, args)
+                bandwidths, decode, prefill = [], {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
+                for r in range(args.rounds):
+                    bandwidths.append(copy_bandwidth(args.threads))
+                    order = DTYPES if r % 2 == 0 else DTYPES[::-1]
+                    for dtype in order:
+                        decode[dtype].append(contenders[dtype].ask("decode"))
+                    for dtype in order:
+                        prefill[dtype].append(contenders[dtype].ask("prefill"))
+            finally:
+                for c in contenders.values():
+                    c.close()
+            bandwidth = statistics.median(bandwidths)
+            print(f"\n{size} Llama ({params / 1e6:.0f}M parameters), threads {args.threads}, {args.rounds} rounds "
+                  f"of {args.steps} decode steps and one {args.prefill}-token prefill per dtype")
+            print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written; rounds: "
+                  f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
             print(f"{'dtype':9s} {'held MB':>8s} {'analytic':>8s} {'anon +MB':>8s} {'decode ms':>9s} "
                   f"{'bound ms':>8s} {'of bound':>8s} {'vs f32':>6s} {'prefill s':>9s} {'vs f32':>6s}")
-            base = {}
+            f32_decode, f32_prefill = statistics.median(decode["float32"]), statistics.median(prefill["float32"])
             for dtype in DTYPES:
-                cmd = [sys.executable, __file__, "--one", tmp, dtype, "--threads", str(args.threads),
-                       "--steps", str(args.steps), "--prefill", str(args.prefill), "--rounds", str(args.rounds)]
-                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                              env=os.environ).stdout.strip().splitlines()[-1])
-                bound = r["decode_bytes"] / bandwidth                    # as benchmarks/reference.py
-                base.setdefault("decode", r["decode"])
-                base.setdefault("prefill", r["prefill"])
-                print(f"{dtype:9s} {r['held'] / 1e6:8.0f} {r['analytic'] / 1e6:8.0f} {r['grown'] / 1e6:8.0f} "
-                      f"{r['decode'] * 1e3:9.2f} {bound * 1e3:8.2f} {bound / r['decode']:8.2f} "
-                      f"{r['decode'] / base['decode']:6.2f} {r['prefill']:9.2f} {r['prefill'] / base['prefill']:6.2f}",
-                      flush=True)
-
+                info, dec, pre = contenders[dtype].info, statistics.median(decode[dtype]), statistics.median(prefill[dtype])
+                bound = info["decode_bytes"] / bandwidth                  # as benchmarks/reference.py
+                print(f"{dtype:9s} {info['held'] / 1e6:8.0f} {info['analytic'] / 1e6:8.0f} {info['grown'] / 1e6:8.0f} "
+                      f"{dec * 1e3:9.2f} {bound * 1e3:8.2f} {bound / dec:8.2f} "
+                      f"{dec / f32_decode:6.2f} {pre:9.2f} {pre / f32_prefill:6.2f}", flush=True)
 
 if __name__ == "__main__":
     main()

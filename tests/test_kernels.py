@@ -73,11 +73,40 @@ def test_half_layouts_round_like_numpy():
         assert h.nbytes == w.size * 2
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_16_bit_weights_widen_exactly_for_every_finite_value(native, monkeypatch):
+    """The kernels widen 16-bit weights in registers (kernels.cpu._bf16, _f16): every finite bit
+    pattern, subnormals and -0 included, must give numpy's float32 bit for bit; `native` False
+    is the shift-and-scale float16 path for a CPU without a conversion instruction."""
+    import numba
+
+    from daskllm.kernels import cpu
+    monkeypatch.setattr(cpu, "_NATIVE_HALF", native)         # read when a kernel is compiled
+
+    @numba.njit
+    def widen(bits, is_bf16, out):                            # compiled fresh: sees `native`
+        for k in range(bits.shape[0]):
+            out[k] = cpu._bf16(bits[k]) if is_bf16 else cpu._f16(bits[k])
+
+    every = np.arange(1 << 16, dtype=np.uint16)
+    for kind, view in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)):
+        want = every.view(view).astype(np.float32)
+        bits = every[np.isfinite(want)]
+        got = np.empty(bits.shape, np.float32)
+        widen(bits, kind == "bfloat16", got)
+        assert np.array_equal(got.view(np.uint32), want[np.isfinite(want)].view(np.uint32)), kind
+        if native:                                            # the cached kernels, as matmul calls them
+            tile = np.empty((1, bits.size), np.float32)
+            cpu.dequantize_rows_half_serial(bits[None, :], kind == "bfloat16", 0, tile)
+            assert np.array_equal(tile[0].view(np.uint32), got.view(np.uint32)), kind
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 5, 300])                # decode kernel (<= 4 rows) and prefill tiles
 @pytest.mark.parametrize("cols", [64, 100])                     # whole blocks, and a partial last block
-def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols):
-    out = kernels.TILE_ROWS + 77                                   # two prefill tiles, the second partial
+def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols, monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_BYTES", 1024 * 4 * cols)    # 1024-row tiles: a small test matrix
+    out = kernels.tile_rows(cols) + 77                             # two prefill tiles, the second partial
     w = kernels.convert(_matrix(out, cols), dtype)
     x = RNG.standard_normal((rows, cols)).astype(np.float32)
     want = x.astype(np.float64) @ kernels.dequantize(w).astype(np.float64).T

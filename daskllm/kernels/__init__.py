@@ -5,9 +5,9 @@ this package picks the kernel by the weight's layout (kernels.formats) and the r
   float32            BLAS (numpy or cupy), as before
   16-bit, Q8_0, CPU  few rows (decode, <= DECODE_ROWS): numba kernels read the low-bit
                      weight once, no float32 copy of the matrix (kernels.cpu);
-                     many rows (prefill): tiles of TILE_ROWS rows dequantized (one thread)
-                     into a reused float32 buffer, multiplied by BLAS, so it stays near the
-                     GEMM rate
+                     many rows (prefill): tiles of up to TILE_BYTES of float32 dequantized
+                     (one thread) into a reused buffer, multiplied by BLAS, so it stays near
+                     the GEMM rate
   16-bit, Q8_0, GPU  the matrix dequantized to float32 on the device, then cuBLAS (CuPy)
 Activations stay float32 on every path.
 """
@@ -23,7 +23,11 @@ from .formats import (BLOCK, KINDS, Half, Q8_0, array_module, concat_rows, conve
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DECODE_ROWS = 4          # measured: at 8 rows the direct kernels are compute-bound and BLAS wins
-TILE_ROWS = 1024         # prefill tile (DESIGN.md: 1024-row tiles ran at 1.08-1.23x the fp32 GEMM)
+# Prefill tile: 16 MiB of float32 (4096 rows of a 1024-wide matrix). Few, large BLAS calls:
+# each call wakes and joins OpenBLAS's threads, and on a busy machine every join can wait for
+# a descheduled thread. Measured on 12 matrices of the 207M Llama, 512 rows, load ~3.7:
+# int8 / fp16 took 1.34 / 1.28x the float32 GEMM with 1024-row tiles, 1.02 / 1.01x with 4096.
+TILE_BYTES = 16 << 20
 SERIAL_BELOW = 1 << 18   # weights per call under which one thread beats starting numba's threads
 
 # numba's parallel kernels: one at a time per process (its workqueue threading layer aborts
@@ -50,6 +54,11 @@ def _cpu(parallel=True):
         if numba.get_num_threads() != min(_threads, numba.config.NUMBA_NUM_THREADS):
             numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
     return cpu
+
+
+def tile_rows(k_cols: int) -> int:
+    """Rows of a K-wide weight per prefill tile."""
+    return max(64, TILE_BYTES // (4 * k_cols))
 
 
 def _buffer(size: int) -> np.ndarray:
@@ -82,8 +91,9 @@ def matmul(x, w):
             else:
                 (cpu.matvec_half if parallel else cpu.matvec_half_serial)(x, w.bits, w.kind == "bfloat16", out)
         return out
-    for lo in range(0, o_rows, TILE_ROWS):
-        rows = min(TILE_ROWS, o_rows - lo)
+    step = tile_rows(k_cols)
+    for lo in range(0, o_rows, step):
+        rows = min(step, o_rows - lo)
         tile = _buffer(rows * k_cols).reshape(rows, k_cols)                  # (R, K) float32
         # One thread: BLAS's threads run right after, and numba's spinning threads would slow them.
         cpu = _cpu(parallel=False)
