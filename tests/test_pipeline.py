@@ -95,11 +95,27 @@ def test_stages_are_contiguous_cover_every_layer_and_balance_bytes():
         bounds = stage_bounds(cfg, pp)
         assert len(bounds) == pp and bounds[0][0] == 0 and bounds[-1][1] == 7
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bounds, bounds[1:] + [(7, 8)]))
-    # The embedding (and the LM head) weigh about a layer here: the end stages take fewer layers.
-    cfg = cfg.with_(n_layers=10)
-    bounds = stage_bounds(cfg, 3)
-    sizes = [hi - lo for lo, hi in bounds]
-    assert sum(sizes) == 10 and sizes[1] == max(sizes), bounds
+
+
+
+def test_the_cut_minimises_the_largest_stage_read_per_step():
+    """Every contiguous cut, tried: none has a smaller largest stage (layers, plus the LM head on
+    the last; the embedding, one row per token, does not count)."""
+    from itertools import combinations
+
+    from daskllm.io.names import expected_shapes
+    cfg = Checkpoint(str(golden_dir("llama"))).config
+    layer = sum(int(np.prod(shape)) for name, shape in expected_shapes(cfg).items() if name.startswith("layers.0."))
+    heavy = cfg.with_(n_layers=10, vocab_size=3 * layer // cfg.hidden_size)      # an LM head of three layers
+    head = heavy.vocab_size * heavy.hidden_size
+    for pp in (2, 3, 4):
+        def worst(bounds):
+            return max((hi - lo) * layer + head * (p == pp - 1) for p, (lo, hi) in enumerate(bounds))
+        best = min(worst(list(zip((0,) + cuts, cuts + (10,)))) for cuts in combinations(range(1, 10), pp - 1))
+        bounds = stage_bounds(heavy, pp)
+        assert worst(bounds) == best, (pp, bounds)
+        sizes = [hi - lo for lo, hi in bounds]
+        assert sizes[-1] < sizes[0], sizes                   # the last stage makes room for the head
 
 
 def test_plan_places_layers_on_stages_and_a_tied_table_on_both_ends():

@@ -2,7 +2,11 @@
 
 Stage p holds layers [lo_p, hi_p); the embedding sits on the first stage, the final norm and
 the LM head on the last (a tied LM head is the embedding table, so with tied embeddings both
-end stages hold it). The cut balances the weight bytes each stage holds.
+end stages hold it). The cut balances the weight bytes each stage reads per step, which is what
+sets a step's time on a CPU: all of its layers', plus the LM head's on the last stage; the
+embedding costs the first stage one row per token, nothing beside a layer. (On SmolLM2, whose
+LM head weighs eight of its layers, balancing the bytes held instead made the last stage of
+pp=2 half as slow again as the first.)
 
 In a step every stage runs the same batch: the first embeds its tokens, each stage runs its
 layers, and a stage before the last sends its hidden states (N, D) to the rank at its own
@@ -38,21 +42,21 @@ def _numel(shape) -> int:
 
 def stage_bounds(cfg: ModelConfig, pp: int) -> list:
     """[(first layer, end layer)] of each stage: contiguous runs that keep the largest stage's weight
-    elements (its layers, plus the embedding on the first and the LM head on the last) smallest."""
+    elements read per step (its layers, plus the LM head on the last) smallest."""
     shapes = expected_shapes(cfg)
     per_layer = [0] * cfg.n_layers
     for name, shape in shapes.items():
         m = _LAYER.match(name)
         if m:
             per_layer[int(m.group(1))] += _numel(shape)
-    table = _numel(shapes["embed"])                 # the LM head has the same shape, tied or not
+    head = _numel(shapes["embed"])                  # the LM head has the embedding's shape, tied or not
     n = cfg.n_layers
     prefix = [0]
     for size in per_layer:
         prefix.append(prefix[-1] + size)
 
-    def cost(p, lo, hi):                            # stage p holding layers [lo, hi)
-        return prefix[hi] - prefix[lo] + table * ((p == 0) + (p == pp - 1))
+    def cost(p, lo, hi):                            # elements stage p reads per step with layers [lo, hi)
+        return prefix[hi] - prefix[lo] + head * (p == pp - 1)
 
     # best[p][i]: the smallest largest stage when stages 0..p-1 hold layers [0, i); cut[p][i] its last cut
     inf = float("inf")
