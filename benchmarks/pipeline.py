@@ -60,10 +60,10 @@ def main():
         if args.model:
             from daskllm.io.builtin import installed_smollm2
             path = str(installed_smollm2() if args.model == "smollm2" else args.model)
-            name = path.rsplit("/", 1)[-1]
+            label = path.rsplit("/", 1)[-1]
         else:
             path = d
-            name = f"random Llama {random_llama(d, layers=args.layers, hidden=args.hidden) / 1e6:.0f}M params " \
+            label = f"random Llama {random_llama(d, layers=args.layers, hidden=args.hidden) / 1e6:.0f}M params " \
                    f"({args.layers} layers, hidden {args.hidden})"
         llms = {name_: open_llm(stack, path, w, t, **mesh) for name_, w, t, mesh in rows}
         for llm in llms.values():
@@ -82,7 +82,7 @@ def main():
     median = {name: statistics.median(r["tok_s"] for r in rs) for name, rs in results.items()}
     same = len({str(r["tokens"]) for rs in results.values() for r in rs}) == 1
     base = median[rows[0][0]]
-    print(f"\n{name}, {args.requests} concurrent requests x {args.new_tokens} new tokens, prompts 16-63 tokens, "
+    print(f"\n{label}, {args.requests} concurrent requests x {args.new_tokens} new tokens, prompts 16-63 tokens, "
           f"median of {args.rounds} alternating rounds; greedy tokens identical across rows and rounds: {same}\n")
     print(f"| {'configuration':<30} | tokens/s | vs 1 rank | rounds (tokens/s) |")
     print(f"| {'-' * 30} | -------: | --------: | ----------------- |")

@@ -4,9 +4,9 @@ Stage p holds layers [lo_p, hi_p); the embedding sits on the first stage, the fi
 the LM head on the last (a tied LM head is the embedding table, so with tied embeddings both
 end stages hold it). The cut balances the weight bytes each stage reads per step, which is what
 sets a step's time on a CPU: all of its layers', plus the LM head's on the last stage; the
-embedding costs the first stage one row per token, nothing beside a layer. (On SmolLM2, whose
-LM head weighs eight of its layers, balancing the bytes held instead made the last stage of
-pp=2 half as slow again as the first.)
+embedding costs the first stage one row per token, nothing beside a layer. (SmolLM2's LM head
+weighs eight of its 30 layers: this cut gives pp=2 19 + 11 layers where balancing the bytes
+held gave 15 + 15; benchmarks/README.md, pipeline.)
 
 In a step every stage runs the same batch: the first embeds its tokens, each stage runs its
 layers, and a stage before the last sends its hidden states (N, D) to the rank at its own
