@@ -81,7 +81,8 @@ class Replica:
         options = {**options, "epoch": self.epoch}
         self._links = []                 # control connections, rank order (empty: steps are actor calls)
         self._order = threading.Lock()   # one driver call at a time (see the module docstring)
-        self._waiting = 0                # threads waiting for the order lock
+        self._waiting = 0                # threads waiting for the order lock (counted under _count_lock)
+        self._count_lock = threading.Lock()
         self._in_flight = []             # send times of the pipelined steps not yet answered, oldest first
         self.last_compute = 0.0          # the slowest rank's compute seconds in the last step
         mesh_tuple = mesh.as_tuple()
@@ -202,13 +203,15 @@ class Replica:
     def _take_order(self):
         """Acquire the order lock, or fail after twice the step timeout."""
         wait = 2 * settings.get("step-timeout")
-        self._waiting += 1
+        with self._count_lock:           # += is not atomic across threads: a lost count would starve a caller
+            self._waiting += 1
         try:
             if not self._order.acquire(timeout=wait):
                 raise ReplicaError(f"replica {self.index}: another driver call held its ranks for over {wait:.0f} s",
                                    self.index)
         finally:
-            self._waiting -= 1
+            with self._count_lock:
+                self._waiting -= 1
 
     @property
     def others_waiting(self) -> bool:
