@@ -238,6 +238,19 @@ def test_two_stages_of_tensor_and_expert_parallel_ranks_on_workers(client, deep)
 
 
 @pytest.mark.cluster
+def test_on_actor_calls_a_pipeline_steps_one_at_a_time(client, deep):
+    """daskllm.control='actor' (no control connections): one step in flight, the same tokens."""
+    ckpt = deep("llama")
+    with InProcessReplica(ckpt, Mesh()) as one:
+        want = one.generate(PROMPTS, 6)
+    with dask.config.set({"daskllm.control": "actor"}), LLM(ckpt.path, pp=2, client=client) as llm:
+        assert llm.replicas[0].pipeline_depth == 1
+        assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)] == want
+        with pytest.raises(RuntimeError, match="pipelined steps need the control connections"):
+            llm.replicas[0].submit_step([])
+
+
+@pytest.mark.cluster
 def test_the_cli_runs_a_pipeline(deep):
     ckpt = deep("llama")
     tok = Tokenizer.from_dir(ckpt.path)
