@@ -373,6 +373,21 @@ class Replica:
                     pass
                 for f in futures:
                     f.release()
+                self._wait_forgotten({f.key for f in futures})
         finally:
             if ordered:
                 self._order.release()
+
+    def _wait_forgotten(self, keys: set, timeout: float = 5.0):
+        """Until the scheduler no longer lists the rank actors' keys on any worker (at most `timeout`):
+        placement counts the ranks on each worker from that list, so an LLM started right after
+        this one closed must not see its ranks still there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                held = {k for ks in self.client.has_what().values() for k in ks}
+            except Exception:   # noqa: BLE001 - a closed client or scheduler: nothing left to count
+                return
+            if not keys & held:
+                return
+            time.sleep(0.05)
