@@ -21,9 +21,8 @@ from .engine.recovery import Recovery
 from .engine.request import Request, TextDecoder
 from .engine.router import LLMClosedError, NoReplicaError, Router
 from .engine.scheduler import ReplicaEngine
-from .engine.validate import (as_prompts, budget_tokens, check_fits, check_int, check_prompt, check_real,
-                              check_seed, check_sequences, check_stop, kv_bytes_per_token, kv_reservation,
-                              one_prompt)
+from .engine.validate import (as_prompts, budget_groups, check_fits, check_int, check_prompt, check_real, check_seed,
+                              check_sequences, check_stop, kv_reservation, one_prompt)
 from .io.builtin import default_model_path
 from .io.formats import open_checkpoint, open_tokenizer
 from .io.loader import dtype_label, resolve_dtype
@@ -31,13 +30,13 @@ from .io.names import expected_shapes
 from .kernels import DTYPES
 from .model.sampling import SamplingParams
 from .parallel import compose
-from .parallel.build import check_weights_fit, format_rank_bytes, rank_weight_bytes
+from .parallel.build import format_rank_bytes, rank_weight_bytes
 from .parallel.mesh import Mesh
-from .parallel.plan import format_plan
 from .runtime import settings
 from .runtime.connect import client_for_address, local_cluster
-from .runtime.placement import check_checkpoint_on_workers, place, rank_counts, worker_table
+from .runtime.placement import check_checkpoint_on_workers, worker_table
 from .runtime.replica import Replica
+from .runtime.sizing import size_ranks
 
 logger = logging.getLogger("daskllm")
 
@@ -135,27 +134,10 @@ class LLM:
         return self._own_client
 
     def _start(self, progress):
-        load = rank_counts(self.client)                 # ranks of other LLMs on each worker
-        placement = place(self.client, self.mesh, load)
-        if not self.ship_weights:
-            check_checkpoint_on_workers(self.client, [w for ws in placement for w in ws], self.path)
-        memory = {addr: mem for addr, _, mem in worker_table(self.client)}
-        rank_bytes = self.weight_bytes()                        # in the chosen dtype, per rank of a replica
-        for ws in placement:
-            check_weights_fit(rank_bytes, [memory[w] for w in ws], self.dtype_label,
-                              rank_weight_bytes(self.checkpoint, self.mesh, self._int8_options()))
-        per_token = kv_bytes_per_token(self.config, self.mesh)
-        self.shared_workers = {w: load[w] for ws in placement for w in ws if load.get(w)}
-        budgets = [min(budget_tokens(memory[w], max(rank_bytes), per_token, self.mesh, sharing=load.get(w, 0) + 1)
-                       for w in ws) for ws in placement]
-        self.budget_tokens = min(budgets)
-        if self.shared_workers:
-            logger.warning(
-                "daskllm: %d worker(s) already host ranks of another LLM (%s); this LLM's ranks share them. "
-                "Its KV budget divides their memory among the ranks there, and calls to ranks on one worker "
-                "wait for each other (add workers to avoid this)", len(self.shared_workers),
-                ", ".join(f"{w}: {n}" for w, n in sorted(self.shared_workers.items())))
-
+        sizing = size_ranks(self.client, self.mesh, self.checkpoint, self.path, self.options, self.dtype_label,
+                            self.ship_weights)
+        placement = sizing.placement
+        self.budget_tokens, self.shared_workers = sizing.budget_tokens, sizing.shared_workers
         loaded = []
         bar = load_progress(self, placement) if progress is None else None
 
@@ -321,13 +303,7 @@ class LLM:
         if not live:
             raise NoReplicaError(self.router._no_replica_message())
         engine = min(live, key=lambda e: (e.outstanding(), e.index))
-        groups = [[]]                    # sequences that fit the KV budget together, one forward each
-        for s in seqs:
-            need = engine.reservation(len(s))
-            check_fits(len(s), engine.budget_tokens, need)
-            if groups[-1] and sum(n for _, n in groups[-1]) + need > engine.budget_tokens:
-                groups.append([])
-            groups[-1].append((s, need))
+        groups = budget_groups(seqs, engine.reservation, engine.budget_tokens)    # one forward each
         with self._closed_is_closed():
             return [x for g in groups for x in engine.beside(
                 sum(n for _, n in g), lambda g=g: engine.replica.logits([s for s, _ in g]))]
@@ -408,14 +384,7 @@ class LLM:
         """How every tensor is spread over the mesh, one line per tensor (after the heads per tp rank),
         then the weight bytes of each rank in the chosen dtype. A table in Jupyter."""
         self._check_open()
-        specs = compose.full_plan(self.config, self.mesh, self.options)
-        text = format_plan(specs, self.options["dtypes"])
-        if self.mesh.tp > 1:
-            from .parallel.tensor import describe_heads
-            text = describe_heads(self.config, self.mesh.tp) + "\n" + text
-        if self.mesh.pp > 1:
-            from .parallel.pipeline import describe_stages
-            text = describe_stages(self.config, self.mesh.pp) + "\n" + text
+        text, specs = compose.describe(self.config, self.mesh, self.options)
         rank_bytes = self.weight_bytes()
         return Plan(text + "\n" + format_rank_bytes(rank_bytes, self.dtype_label), specs,
                     expected_shapes(self.config), self.mesh, rank_bytes, self.dtype_label)
@@ -424,9 +393,6 @@ class LLM:
     def dtype_label(self) -> str:
         """The weight dtype asked for, or for "auto" what it became, e.g. "auto: float32, int8"."""
         return dtype_label(self.options["dtype"], self.options["dtypes"])
-
-    def _int8_options(self) -> dict:
-        return {**self.options, "dtype": "int8", "dtypes": resolve_dtype(self.checkpoint, "int8")}
 
     def weight_bytes(self) -> list:
         """Weight bytes each rank of a replica holds in the chosen dtype (from the checkpoint headers)."""

@@ -7,6 +7,7 @@ import pytest
 from conftest import golden_dir, load_golden
 
 import daskllm.api
+import daskllm.runtime.sizing
 from daskllm import LLM
 from daskllm.io.checkpoint import Checkpoint
 from daskllm.parallel.local_mesh import InProcessReplica
@@ -63,8 +64,8 @@ def test_two_replicas_and_shipped_int8_slices(client):
 
 
 def test_a_dtype_too_big_for_the_workers_is_refused_before_any_rank_starts(client, monkeypatch):
-    tiny = [(addr, threads, 100_000) for addr, threads, _ in daskllm.api.worker_table(client)]
-    monkeypatch.setattr(daskllm.api, "worker_table", lambda c: tiny)
+    tiny = [(addr, threads, 100_000) for addr, threads, _ in daskllm.runtime.sizing.worker_table(client)]
+    monkeypatch.setattr(daskllm.runtime.sizing, "worker_table", lambda c: tiny)
     started = []
     monkeypatch.setattr(daskllm.api, "Replica", lambda *a, **k: started.append(a))
     with pytest.raises(ValueError, match=r"dtype 'float32': rank 0 of each replica would hold 0.00 GiB of weights, "

@@ -232,3 +232,13 @@ def test_a_stop_string_completed_by_the_final_decode_still_stops():
     request.add_token(0xC3)                           # half of "é": U+FFFD in the decoded text
     out = request.wait(timeout=1)
     assert out.text == "a" and out.finish_reason == "stop" and "".join(request.pieces()) == "a"
+
+
+def test_logits_sequences_are_grouped_within_the_kv_budget():
+    from daskllm.engine.validate import RequestError, budget_groups
+    seqs = [[1] * 40, [2] * 30, [3] * 50, [4] * 10]
+    groups = budget_groups(seqs, lambda n: n + 10, budget=100)       # reservations 50, 40, 60, 20
+    assert [[len(s) for s, _ in g] for g in groups] == [[40, 30], [50, 10]]
+    assert all(sum(n for _, n in g) <= 100 for g in groups)
+    with pytest.raises(RequestError, match="KV cache"):
+        budget_groups([[1] * 95], lambda n: n + 10, budget=100)

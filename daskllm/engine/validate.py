@@ -179,6 +179,21 @@ def check_fits(tokens: int, budget: int, reserved: int | None = None):
             "daskllm.kv-cache-bytes / daskllm.kv-cache-fraction, or split the sequence with sp")
 
 
+def budget_groups(seqs: list, reservation, budget: int) -> list:
+    """Consecutive sequences grouped so that each group's KV reservations fit `budget` together.
+
+    reservation(len) -> KV entries a sequence of that length reserves. -> [[(seq, reserved), ...], ...];
+    a sequence that can never fit is refused (RequestError)."""
+    groups = [[]]
+    for s in seqs:
+        need = reservation(len(s))
+        check_fits(len(s), budget, need)
+        if groups[-1] and sum(n for _, n in groups[-1]) + need > budget:
+            groups.append([])
+        groups[-1].append((s, need))
+    return groups
+
+
 def kv_reservation(tokens: int, sp: int = 1, chunk: int = 4096) -> int:
     """KV entries (summed over a replica's sp ranks) a sequence of `tokens` may occupy at most.
 

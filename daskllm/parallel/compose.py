@@ -90,3 +90,18 @@ def axis_communicators(transport, mesh: Mesh, rank: int, timeout: float) -> dict
     from ..comm.collectives import GroupCommunicator
     return {axis: GroupCommunicator(transport, mesh.group(rank, axis), tag=axis, default_timeout=timeout)
             for axis in ("tp", "sp", "ep", "pp", "replica")}
+
+
+def describe(cfg: ModelConfig, mesh: Mesh, options: dict | None = None) -> tuple:
+    """(text, specs): the plan of every tensor, one line each (parallel.plan.format_plan), after
+    the heads of each tp rank and the layers of each pipeline stage where those axes are used."""
+    from .plan import format_plan
+    specs = full_plan(cfg, mesh, options)
+    text = format_plan(specs, (options or {}).get("dtypes"))
+    if mesh.tp > 1:
+        from .tensor import describe_heads
+        text = describe_heads(cfg, mesh.tp) + "\n" + text
+    if mesh.pp > 1:
+        from .pipeline import describe_stages
+        text = describe_stages(cfg, mesh.pp) + "\n" + text
+    return text, specs
