@@ -49,10 +49,12 @@ def set_threads(n: int):
 
 def _cpu(parallel=True):
     from . import cpu       # numba compiles (or loads its cache) on first use only
-    if parallel and _threads is not None:
+    # numba's thread count is per calling thread; remember what this thread set, since
+    # asking numba costs microseconds on each of a decode step's ~50 matmuls.
+    if parallel and _threads is not None and getattr(_local, "threads", None) != _threads:
         import numba
-        if numba.get_num_threads() != min(_threads, numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+        _local.threads = _threads
     return cpu
 
 
