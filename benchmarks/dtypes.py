@@ -1,7 +1,7 @@
 """Weights at their own size: decode and prefill per weight dtype against the memory-bandwidth bound.
 
 Run: python benchmarks/dtypes.py            (207M random Llama, about 3-4 min on 2 cores)
-     python benchmarks/dtypes.py --big      (adds a ~1.1B Llama: ~9 GB of disk and memory, longer)
+     python benchmarks/dtypes.py --big      (adds a 0.9B Llama: ~7 GB of disk and memory, ~8 min more)
 
 One random Llama checkpoint (float32 on disk) per size, written to a temporary directory;
 each dtype loaded as one rank (build_runner, the code every rank runs) in a process of its
@@ -14,9 +14,12 @@ every dtype alike; each figure is the median over the --rounds rounds. For each 
              the process's anonymous resident-memory growth over the load
   decode     ms per greedy step of one sequence after a 16-token prompt (median of --steps
              steps in a round)
-  bound      the decode bytes (every weight once, the embedding table one row) over the copy
-             bandwidth measured in this run (numpy copy, bytes read + written per second,
-             the median of one measurement before each round)
+  bound      the decode bytes (every weight once, the embedding table one row) over a
+             bandwidth measured in this run (the median of one measurement before each round):
+             copy   numpy copy, bytes read + written per second (the issue's bound)
+             read   the faster of two read-only streams (a byte reduction; BLAS's float32
+                    matrix-vector product), what a decode step does; on this 2-core AMD host
+                    ~20-23 GB/s against the copy's 26-30 (benchmarks/reference.py)
   prefill    seconds for one 512-token forward (one per round), ratio to float32
 """
 from __future__ import annotations
@@ -34,11 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import random_llama  # noqa: E402
-from reference import copy_bandwidth  # noqa: E402
+from reference import copy_bandwidth, read_bandwidth  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 SIZES = {"207M": dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000),
-         "1.1B": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=32000)}
+         "0.9B": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=32000)}
 
 
 def load(path, dtype):
@@ -146,7 +149,7 @@ class Contender:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--big", action="store_true", help="also the ~1.1B model")
+    ap.add_argument("--big", action="store_true", help="also the 0.9B model (886M parameters)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prefill", type=int, default=512)
@@ -155,16 +158,17 @@ def main():
     args = ap.parse_args()
     if args.one:
         return serve(*args.one, args)
-    for size in ["207M"] + (["1.1B"] if args.big else []):
+    for size in ["207M"] + (["0.9B"] if args.big else []):
         with tempfile.TemporaryDirectory() as tmp:
             params = random_llama(tmp, max_position=2048, **SIZES[size])
             contenders = {}
             try:
                 for dtype in DTYPES:
                     contenders[dtype] = Contender(tmp, dtype, args)
-                bandwidths, decode, prefill = [], {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
+                bandwidths, reads, decode, prefill = [], [], {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
                 for r in range(args.rounds):
                     bandwidths.append(copy_bandwidth(args.threads))
+                    reads.append(read_bandwidth(args.threads))
                     order = DTYPES if r % 2 == 0 else DTYPES[::-1]
                     for dtype in order:
                         decode[dtype].append(contenders[dtype].ask("decode"))
@@ -173,19 +177,20 @@ def main():
             finally:
                 for c in contenders.values():
                     c.close()
-            bandwidth = statistics.median(bandwidths)
+            bandwidth, read = statistics.median(bandwidths), statistics.median(reads)
             print(f"\n{size} Llama ({params / 1e6:.0f}M parameters), threads {args.threads}, {args.rounds} rounds "
                   f"of {args.steps} decode steps and one {args.prefill}-token prefill per dtype")
             print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written; rounds: "
-                  f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})")
+                  f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); read bandwidth {read / 1e9:.1f} GB/s "
+                  f"(read only; rounds: {', '.join(f'{b / 1e9:.1f}' for b in reads)})")
             print(f"{'dtype':9s} {'held MB':>8s} {'analytic':>8s} {'anon +MB':>8s} {'decode ms':>9s} "
-                  f"{'bound ms':>8s} {'of bound':>8s} {'vs f32':>6s} {'prefill s':>9s} {'vs f32':>6s}")
+                  f"{'bound ms':>8s} {'of bound':>8s} {'of read':>7s} {'vs f32':>6s} {'prefill s':>9s} {'vs f32':>6s}")
             f32_decode, f32_prefill = statistics.median(decode["float32"]), statistics.median(prefill["float32"])
             for dtype in DTYPES:
                 info, dec, pre = contenders[dtype].info, statistics.median(decode[dtype]), statistics.median(prefill[dtype])
                 bound = info["decode_bytes"] / bandwidth                  # as benchmarks/reference.py
                 print(f"{dtype:9s} {info['held'] / 1e6:8.0f} {info['analytic'] / 1e6:8.0f} {info['grown'] / 1e6:8.0f} "
-                      f"{dec * 1e3:9.2f} {bound * 1e3:8.2f} {bound / dec:8.2f} "
+                      f"{dec * 1e3:9.2f} {bound * 1e3:8.2f} {bound / dec:8.2f} {info['decode_bytes'] / read / dec:7.2f} "
                       f"{dec / f32_decode:6.2f} {pre:9.2f} {pre / f32_prefill:6.2f}", flush=True)
 
 if __name__ == "__main__":

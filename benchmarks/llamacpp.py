@@ -14,6 +14,11 @@ file and round by round (so neither's spinning threads share the cores with the 
              F32 -> float32, F16 -> float16, Q8_0 -> int8; Q4_1 -> int8 (requantized at load)
 Decode: median ms per step of one sequence after a 16-token prompt. Prefill: median seconds of
 one --prefill-token forward. The table gives each figure's median over the rounds.
+A second table puts each contender's decode against the read bandwidth measured before every
+round (benchmarks/reference.py read_bandwidth: the faster of two read-only streams): the bytes
+its step reads (llama.cpp: the GGUF's tensors, the embedding table one row unless it is also
+the LM head; daskllm: what the rank holds, counted the same way) over that bandwidth, divided
+by the step's time.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dtypes import time_decode, time_prefill  # noqa: E402
+from dtypes import decode_bytes, time_decode, time_prefill  # noqa: E402
+from reference import read_bandwidth  # noqa: E402
 
 FTYPES = {"F32": 0, "F16": 1, "Q8_0": 7}             # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 
@@ -44,6 +50,17 @@ def requantize(source: Path, out_dir: Path) -> dict:
             raise RuntimeError(f"llama.cpp could not write {name} from {source}")
         files[name] = out
     return files
+
+
+def gguf_decode_bytes(path) -> int:
+    """Bytes of the GGUF's tensors one decode step reads: all, the embedding table one row unless tied."""
+    from gguf import GGUFReader
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    embed = tensors["token_embd.weight"]
+    if "output.weight" in tensors:                   # untied: the lookup reads one row of the table
+        total -= int(embed.n_bytes) - int(embed.n_bytes) // int(embed.shape[-1])
+    return total
 
 
 def time_llamacpp(path, threads, steps, prefill) -> dict:
@@ -67,7 +84,7 @@ def time_llamacpp(path, threads, steps, prefill) -> dict:
         t0 = time.perf_counter()
         llm.eval(list(range(3, 3 + prefill)))
         fills.append(time.perf_counter() - t0)
-    return {"decode": statistics.median(times), "prefill": statistics.median(fills)}
+    return {"decode": statistics.median(times), "prefill": statistics.median(fills), "bytes": gguf_decode_bytes(path)}
 
 
 def time_daskllm(path, threads, steps, prefill) -> dict:
@@ -87,7 +104,7 @@ def time_daskllm(path, threads, steps, prefill) -> dict:
     ckpt.close()
     time_decode(runner, 3)                            # warm-up
     return {"decode": time_decode(runner, steps), "prefill": time_prefill(runner, prefill, 3),
-            "held": runner.model.weights.nbytes()}
+            "held": runner.model.weights.nbytes(), "bytes": decode_bytes(runner)}
 
 
 def in_process(contender, path, args) -> dict:
@@ -125,7 +142,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         files = requantize(Path(source), Path(tmp))
         runs = {(name, who): [] for name in files for who in ("llama.cpp", "daskllm")}
+        reads = []
         for r in range(args.rounds):
+            reads.append(read_bandwidth(args.threads))
             for name, path in files.items():
                 for who in ("llama.cpp", "daskllm") if r % 2 == 0 else ("daskllm", "llama.cpp"):
                     runs[name, who].append(in_process(who, path, args))
@@ -142,6 +161,18 @@ def main():
         print(f"| {name} | {1e3 * lc['decode']:.1f} | {1e3 * dl['decode']:.1f} | {dl['decode'] / lc['decode']:.2f}x | "
               f"{lc['prefill']:.3f} | {dl['prefill']:.3f} | {dl['prefill'] / lc['prefill']:.2f}x | "
               f"{held / 2**20:.0f} MiB |")
+    read = statistics.median(reads)
+    print(f"\nDecode against the read bandwidth, {read / 1e9:.1f} GB/s with {args.threads} threads "
+          f"(rounds: {', '.join(f'{b / 1e9:.1f}' for b in reads)})\n")
+    print("| GGUF weights | llama.cpp MB/step | of read bound | daskllm MB/step | of read bound |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in files:
+        cells = []
+        for who in ("llama.cpp", "daskllm"):
+            step_bytes = runs[name, who][0]["bytes"]
+            decode = statistics.median(x["decode"] for x in runs[name, who])
+            cells.append(f"{step_bytes / 1e6:.0f} | {step_bytes / read / decode:.2f}")
+        print(f"| {name} | {' | '.join(cells)} |")
     return 0
 
 

@@ -69,6 +69,38 @@ def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
     return best
 
 
+def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes read per second by the faster of two read-only streams over `mib` MiB on `threads` threads.
+
+    A decode step only reads its weights, and on some hosts a read-only stream runs well below
+    a copy's read + written rate (AMD EPYC under KVM, 2 cores: ~20 GB/s read-only against 26-30
+    GB/s copied), so this is the bound a decode step can reach. The two streams: numpy's max over
+    bytes split over threads (SIMD compares), and BLAS's float32 matrix-vector product with the
+    array as the matrix (hardware prefetch at its best; it writes one short vector). Both write
+    nothing of note; either may be the faster on a given run.
+    """
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+    src = np.ones(mib << 20, np.uint8)
+    parts = np.array_split(src, threads)
+    matrix = src.view(np.float32).reshape(-1, 1024)
+    vector = np.ones((1, 1024), np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=part.max) for part in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, src.nbytes / (time.perf_counter() - t0))
+        with threadpool_limits(threads, "blas"):
+            t0 = time.perf_counter()
+            vector @ matrix.T
+            best = max(best, src.nbytes / (time.perf_counter() - t0))
+    return best
+
+
 # -- the contenders ---------------------------------------------------------------------
 # Each has prefill() -> seconds, and decode(n) -> an iterator that yields seconds per
 # greedy step (the cluster: one figure per run).
