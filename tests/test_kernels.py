@@ -153,3 +153,62 @@ def test_two_threads_at_once_get_their_own_results():
     for t in threads:
         t.join(timeout=120)
     assert not errors
+
+
+# -- a decode step's per-layer pieces (kernels.decode_cpu) against the NumPy path ----------
+
+def _numpy_path(monkeypatch):
+    """Make layers.* take their NumPy path (what every prefill and the GPU run)."""
+    monkeypatch.setattr(kernels, "decode_sized", lambda x: False)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (3, 4, 32), (4, 1000)])
+def test_decode_rms_norm_equals_the_numpy_path(shape, monkeypatch):
+    from daskllm.model.layers import rms_norm
+    x = RNG.standard_normal(shape).astype(np.float32)
+    weight = RNG.standard_normal(shape[-1]).astype(np.float32)
+    assert kernels.decode_sized(x)
+    got = rms_norm(x, weight, 1e-6)
+    _numpy_path(monkeypatch)
+    assert got.shape == x.shape and got.dtype == np.float32
+    assert_allclose(got, rms_norm(x, weight, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_rope_equals_the_numpy_path_on_a_strided_view(monkeypatch):
+    from daskllm.model.layers import apply_rope, rope_cos_sin, rope_inv_freq
+    from daskllm.model.config import RopeConfig
+    qkv = RNG.standard_normal((3, 8 * 16 + 16)).astype(np.float32)
+    q = qkv[:, :8 * 16].reshape(3, 8, 16)                       # a column slice: not C-contiguous
+    cos, sin = rope_cos_sin(rope_inv_freq(RopeConfig(), 16), np.array([5, 9, 300]))
+    got = apply_rope(q, cos, sin)
+    _numpy_path(monkeypatch)
+    assert_allclose(got, apply_rope(q, cos, sin), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,stored", [(1, 16, 8, 40), (2, 9, 3, 1), (4, 4, 4, 700)])
+def test_decode_attention_over_the_kv_cache_equals_the_numpy_path(rows, heads, kv_heads, stored, monkeypatch):
+    from daskllm.model.cache import KVCache
+    from daskllm.model.layers import attention_partial
+    cache = KVCache(1)
+    cache.append(0, "s", RNG.standard_normal((kv_heads, stored, 32)).astype(np.float32),
+                 RNG.standard_normal((kv_heads, stored, 32)).astype(np.float32), np.arange(stored))
+    k, v, k_pos = cache.view(0, "s")
+    assert not k.flags.c_contiguous or stored == k.base.shape[1]   # a view of the cache's buffer
+    q = RNG.standard_normal((rows, heads, 32)).astype(np.float32)
+    q_pos = np.arange(stored, stored + rows)
+    assert kernels.attend_all_keys(q, k, v, 0.2) is not None        # the compiled path takes it
+    out, lse = attention_partial(q, k, v, q_pos, k_pos, 0.2)
+    _numpy_path(monkeypatch)
+    want_out, want_lse = attention_partial(q, k, v, q_pos, k_pos, 0.2)
+    assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_decode_attention_leaves_masked_and_foreign_views_to_numpy():
+    k = RNG.standard_normal((2, 10, 8)).astype(np.float32)
+    q = RNG.standard_normal((1, 4, 8)).astype(np.float32)
+    assert kernels.attend_all_keys(q, k[:, 2:], k[:, 2:], 1.0) is None      # not the buffer's first columns
+    assert kernels.attend_all_keys(q, k[:, :, :4], k[:, :, :4], 1.0) is None  # a cut head dim
+    assert kernels.attend_all_keys(q, k[:, :0], k[:, :0], 1.0) is None       # no keys
+    many = RNG.standard_normal((kernels.DECODE_ROWS + 1, 4, 8)).astype(np.float32)
+    assert kernels.attend_all_keys(many, k, k, 1.0) is None                  # a prefill

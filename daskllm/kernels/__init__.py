@@ -10,6 +10,8 @@ this package picks the kernel by the weight's layout (kernels.formats) and the r
                      the GEMM rate
   16-bit, Q8_0, GPU  the matrix dequantized to float32 on the device, then cuBLAS (CuPy)
 Activations stay float32 on every path.
+At decode sizes (few rows, NumPy arrays) RMSNorm, RoPE and attention over the KV cache also
+run as one compiled call each (kernels.decode_cpu): `decode_sized` says when.
 """
 from __future__ import annotations
 
@@ -129,6 +131,53 @@ def decode_scope(weights_low_bit: bool, rows: int):
     if weights_low_bit and rows <= DECODE_ROWS:
         return _BlasThreads.one()
     return contextlib.nullcontext()
+
+
+def decode_sized(x) -> bool:
+    """Whether x is a decode step's activation on the CPU: a float32 NumPy array of few rows."""
+    return type(x) is np.ndarray and x.dtype == np.float32 and 0 < x.shape[0] <= DECODE_ROWS
+
+
+def _decode():
+    from . import decode_cpu    # numba compiles (or loads its cache) on first use only
+    return decode_cpu
+
+
+def rms_norm_rows(x, weight, eps):
+    return _decode().rms_norm_rows(x, weight, np.float32(eps))
+
+
+def rope_rows(x, cos, sin):
+    return _decode().rope_rows(x, cos, sin)
+
+
+def _cache_buffer(a):
+    """The C-contiguous (Hkv, capacity, hd) buffer that `a` is the first columns of, or None."""
+    if a.flags.c_contiguous:
+        return a
+    base = a.base
+    if (isinstance(base, np.ndarray) and base.ndim == 3 and base.flags.c_contiguous and base.dtype == a.dtype
+            and base.shape[0] == a.shape[0] and base.shape[2] == a.shape[2] and base.strides == a.strides
+            and base.ctypes.data == a.ctypes.data):
+        return base
+    return None
+
+
+def attend_all_keys(q, k, v, scale):
+    """Attention of a decode step's query rows over keys they all see, in one compiled call.
+
+    q (T, H, hd), k and v (Hkv, n, hd): the KV cache's views, or any C-contiguous arrays.
+    -> (out (T, H, hd), lse (T, H)), or None where this does not apply (the NumPy path runs).
+    """
+    if not (decode_sized(q) and k.shape[1] > 0 and k.dtype == v.dtype == np.float32):
+        return None
+    keys, values = _cache_buffer(k), _cache_buffer(v)
+    if keys is None or values is None:
+        return None
+    out = np.empty(q.shape, np.float32)
+    lse = np.empty(q.shape[:2], np.float32)
+    _decode().attend_stored(q, keys, values, k.shape[1], np.float32(scale), out, lse)
+    return out, lse
 
 
 def weight_bytes(shape: tuple, dtype: str) -> int:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from .. import kernels
 from ..kernels import matmul
 from .config import RopeConfig
 
@@ -25,6 +26,8 @@ def array_module(x):
 
 def rms_norm(x, weight, eps):
     """x * weight / rms(x), over the last dim, in float32."""
+    if kernels.decode_sized(x):
+        return kernels.rms_norm_rows(x, weight, eps)          # one compiled call at decode sizes
     xp = array_module(x)
     var = (x * x).sum(axis=-1, keepdims=True) / x.shape[-1]     # xp.mean's result, without its per-call overhead
     return x * (1.0 / xp.sqrt(var + eps)) * weight
@@ -75,6 +78,8 @@ def rope_cos_sin(inv_freq, positions):
 
 def apply_rope(x, cos, sin):
     """Rotate each head of x by its token's position.  x (T, heads, hd), cos/sin (T, hd)"""
+    if kernels.decode_sized(x):
+        return kernels.rope_rows(x, cos, sin)                 # one compiled call at decode sizes
     xp = array_module(x)
     half = x.shape[-1] // 2
     rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)     # rotate_half
@@ -95,13 +100,17 @@ def attention_partial(q, k, v, q_pos, k_pos, scale, window=None):
     tq, n_heads, hd = q.shape
     n_kv = k.shape[0]
     g = n_heads // n_kv
-    qg = q.reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
-    scores = (qg @ k.transpose(0, 2, 1)) * scale                                     # (Hkv, G*Tq, Tk)
-    scores = scores.reshape(n_kv, g, tq, -1)                                         # (Hkv, G, Tq, Tk)
     visible = k_pos[None, :] <= q_pos[:, None]                                       # (Tq, Tk)
     if window is not None:
         visible &= (q_pos[:, None] - k_pos[None, :]) < window
     sees_all = k.shape[1] > 0 and bool(visible.all())    # e.g. every decode step: no mask, no empty rows
+    if sees_all:
+        fused = kernels.attend_all_keys(q, k, v, scale)  # a decode step on the CPU: one compiled call
+        if fused is not None:
+            return fused
+    qg = q.reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
+    scores = (qg @ k.transpose(0, 2, 1)) * scale                                     # (Hkv, G*Tq, Tk)
+    scores = scores.reshape(n_kv, g, tq, -1)                                         # (Hkv, G, Tq, Tk)
     if not sees_all:
         scores = xp.where(visible, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full(scores.shape[:-1] + (1,), -xp.inf, scores.dtype)
