@@ -34,8 +34,12 @@ def rms_norm(x, weight, eps):
 
 
 def silu(x):
+    """x * sigmoid(x), into one new array (a prefill's MLP activations are megabytes)."""
     xp = array_module(x)
-    return x / (1.0 + xp.exp(-x))
+    out = xp.negative(x)
+    xp.exp(out, out=out)
+    out += 1
+    return xp.divide(x, out, out=out)
 
 
 def gated_mlp(x, w_gate_up, w_down):
@@ -108,21 +112,23 @@ def attention_partial(q, k, v, q_pos, k_pos, scale, window=None):
         fused = kernels.attend_all_keys(q, k, v, scale)  # a decode step on the CPU: one compiled call
         if fused is not None:
             return fused
-    qg = q.reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
-    scores = (qg @ k.transpose(0, 2, 1)) * scale                                     # (Hkv, G*Tq, Tk)
-    scores = scores.reshape(n_kv, g, tq, -1)                                         # (Hkv, G, Tq, Tk)
+    # Scores are Tk times larger than q, so scale q, and work on the scores in place: a
+    # 512-token prefill's attention took 60 ms per layer with a new array per step, 32 without.
+    qg = (q * scale).reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
+    scores = (qg @ k.transpose(0, 2, 1)).reshape(n_kv, g, tq, -1)                   # (Hkv, G, Tq, Tk)
     if not sees_all:
-        scores = xp.where(visible, scores, -xp.inf)
+        scores += xp.where(visible, xp.float32(0), xp.float32(-xp.inf))             # masked: -inf
     row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full(scores.shape[:-1] + (1,), -xp.inf, scores.dtype)
-    safe_max = row_max if sees_all else xp.where(xp.isfinite(row_max), row_max, 0.0)
-    probs = xp.exp(scores - safe_max)                                                # (Hkv, G, Tq, Tk)
+    safe_max = row_max if sees_all else xp.where(xp.isfinite(row_max), row_max, xp.float32(0))
+    scores -= safe_max
+    probs = xp.exp(scores, out=scores)                                              # (Hkv, G, Tq, Tk)
     total = probs.sum(axis=-1, keepdims=True)
     out = (probs.reshape(n_kv, g * tq, -1) @ v).reshape(n_kv, g, tq, hd)            # (Hkv, G, Tq, hd)
     if sees_all:
         out, lse = out / total, xp.log(total[..., 0]) + safe_max[..., 0]              # (Hkv, G, Tq)
     else:
         with np.errstate(divide="ignore"):
-            out = out / xp.where(total > 0, total, 1.0)
+            out = out / xp.where(total > 0, total, xp.float32(1))
             lse = xp.log(total[..., 0]) + safe_max[..., 0]
     out = out.transpose(2, 0, 1, 3).reshape(tq, n_heads, hd)
     lse = lse.transpose(2, 0, 1).reshape(tq, n_heads)
@@ -150,11 +156,14 @@ def merge_partials(outs, lses):
     return out, lse
 
 
-def blockwise_attention(q, k, v, q_pos, k_pos, scale, window=None, block=512):
+def blockwise_attention(q, k, v, q_pos, k_pos, scale, window=None, block=256):
     """attention_partial in tiles of `block` queries x `block` keys, merged by log-sum-exp.
 
     Same result as one attention_partial call, but scores take O(block^2) memory instead of
     O(Tq x Tk), and key tiles that every query of a tile would mask are skipped (causal).
+    256: measured (16/8 heads, hd 64, 2 threads) against 512 and 128, a 512-token prefill's
+    attention took 25-32 ms per layer against 40-42 and 26-36; 2048 tokens 300-330 against
+    380-430 and 290-390 ms (a quarter of the tiles skipped, and 4 MB of scores stay in cache).
     q (Tq, H, hd), k and v (Hkv, Tk, hd) -> out (Tq, H, hd), lse (Tq, H).
     """
     xp = array_module(q)
