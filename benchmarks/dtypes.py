@@ -21,6 +21,9 @@ every dtype alike; each figure is the median over the --rounds rounds. For each 
                     matrix-vector product), what a decode step does; on this 2-core AMD host
                     ~20-23 GB/s against the copy's 26-30 (benchmarks/reference.py)
   prefill    seconds for one 512-token forward (one per round), ratio to float32
+  GEMM rate  numpy's float32 x (512, in) @ W.T over every layer matrix, timed in the float32
+             process each round: the float32 prefill's time against it (the prefill also
+             runs attention, norms and RoPE, which this does not count in its favour)
 """
 from __future__ import annotations
 
@@ -116,10 +119,27 @@ def serve(path, dtype, args):
     time_decode(runner, 3)                                   # warm-up: kernels, caches
     print(json.dumps({"held": runner.model.weights.nbytes(), "analytic": analytic_bytes(ckpt, dtype),
                       "grown": grown, "decode_bytes": decode_bytes(runner)}), flush=True)
+    timers = {"decode": lambda: time_decode(runner, args.steps), "prefill": lambda: time_prefill(runner, args.prefill, 1),
+              "gemm": lambda: time_gemm(runner, args.prefill)}
     for line in sys.stdin:
         what = line.strip()
-        took = time_decode(runner, args.steps) if what == "decode" else time_prefill(runner, args.prefill, 1)
-        print(json.dumps({what: took}), flush=True)
+        print(json.dumps({what: timers[what]()}), flush=True)
+
+
+def layer_matrices(runner) -> list:
+    """The (out, in) weight matrices of the layers: what a prefill multiplies all its rows by."""
+    return [w for layer in runner.model.weights.layers for w in layer.values() if getattr(w, "ndim", 0) == 2]
+
+
+def time_gemm(runner, tokens: int) -> float:
+    """Seconds numpy takes for x (tokens, in) @ W.T over every layer matrix, float32 (the prefill's
+    matmuls without the model around them: the GEMM rate on the same shapes)."""
+    import numpy as np
+    x = {w.shape[1]: np.ones((tokens, w.shape[1]), np.float32) for w in layer_matrices(runner)}
+    t0 = time.perf_counter()
+    for w in layer_matrices(runner):
+        x[w.shape[1]] @ w.T
+    return time.perf_counter() - t0
 
 
 class Contender:
@@ -165,7 +185,7 @@ def main():
             try:
                 for dtype in DTYPES:
                     contenders[dtype] = Contender(tmp, dtype, args)
-                bandwidths, reads, decode, prefill = [], [], {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
+                bandwidths, reads, gemm, decode, prefill = [], [], [], {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
                 for r in range(args.rounds):
                     bandwidths.append(copy_bandwidth(args.threads))
                     reads.append(read_bandwidth(args.threads))
@@ -174,6 +194,7 @@ def main():
                         decode[dtype].append(contenders[dtype].ask("decode"))
                     for dtype in order:
                         prefill[dtype].append(contenders[dtype].ask("prefill"))
+                    gemm.append(contenders["float32"].ask("gemm"))
             finally:
                 for c in contenders.values():
                     c.close()
@@ -192,6 +213,9 @@ def main():
                 print(f"{dtype:9s} {info['held'] / 1e6:8.0f} {info['analytic'] / 1e6:8.0f} {info['grown'] / 1e6:8.0f} "
                       f"{dec * 1e3:9.2f} {bound * 1e3:8.2f} {bound / dec:8.2f} {info['decode_bytes'] / read / dec:7.2f} "
                       f"{dec / f32_decode:6.2f} {pre:9.2f} {pre / f32_prefill:6.2f}", flush=True)
+            print(f"numpy GEMM on the prefill's shapes ({args.prefill} rows x every layer matrix, float32): "
+                  f"{statistics.median(gemm):.2f} s; the float32 prefill runs at {statistics.median(gemm) / f32_prefill:.2f} "
+                  f"of that GEMM rate (rounds: {', '.join(f'{g:.2f}' for g in gemm)} s)", flush=True)
 
 if __name__ == "__main__":
     main()
