@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,6 @@ from .runtime.placement import check_checkpoint_on_workers, worker_table
 from .runtime.replica import Replica
 from .runtime.sizing import size_ranks
 
-logger = logging.getLogger("daskllm")
 
 
 class LLM:

@@ -35,9 +35,9 @@ def size_ranks(client, mesh: Mesh, checkpoint, path: str, options: dict, dtype_l
     memory = {addr: mem for addr, _, mem in worker_table(client)}
     rank_bytes = rank_weight_bytes(checkpoint, mesh, options)      # in the chosen dtype, per rank of a replica
     int8 = {**options, "dtype": "int8", "dtypes": resolve_dtype(checkpoint, "int8")}
+    int8_bytes = rank_weight_bytes(checkpoint, mesh, int8)         # what the refusal suggests instead
     for ws in placement:
-        check_weights_fit(rank_bytes, [memory[w] for w in ws], dtype_label,
-                          rank_weight_bytes(checkpoint, mesh, int8))
+        check_weights_fit(rank_bytes, [memory[w] for w in ws], dtype_label, int8_bytes)
     per_token = kv_bytes_per_token(checkpoint.config, mesh)
     shared = {w: load[w] for ws in placement for w in ws if load.get(w)}
     budget = min(budget_tokens(memory[w], max(rank_bytes), per_token, mesh, sharing=load.get(w, 0) + 1)
