@@ -38,7 +38,6 @@ from .runtime.replica import Replica
 from .runtime.sizing import size_ranks
 
 
-
 class LLM:
     """A model served by rank actors on a Dask cluster.
 
