@@ -158,8 +158,9 @@ def test_two_threads_at_once_get_their_own_results():
 # -- a decode step's per-layer pieces (kernels.decode_cpu) against the NumPy path ----------
 
 def _numpy_path(monkeypatch):
-    """Make layers.* take their NumPy path (what every prefill and the GPU run)."""
+    """Make layers.* take their NumPy path (what the GPU runs, through CuPy)."""
     monkeypatch.setattr(kernels, "decode_sized", lambda x: False)
+    monkeypatch.setattr(kernels, "on_cpu", lambda x: False)
 
 
 @pytest.mark.parametrize("shape", [(1, 96), (3, 4, 32), (4, 1000)])
@@ -212,3 +213,58 @@ def test_decode_attention_leaves_masked_and_foreign_views_to_numpy():
     assert kernels.attend_all_keys(q, k[:, :0], k[:, :0], 1.0) is None       # no keys
     many = RNG.standard_normal((kernels.DECODE_ROWS + 1, 4, 8)).astype(np.float32)
     assert kernels.attend_all_keys(many, k, k, 1.0) is None                  # a prefill
+
+
+def test_compiled_exp_is_within_two_float32_ulps():
+    from daskllm.kernels import softmax_cpu
+    x = np.linspace(-87.3, 88.3, 1_000_001).astype(np.float32)
+    got = np.empty_like(x)
+    softmax_cpu.exp_into(x, got)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) <= 2 * 2.0**-23 / 2 * 1.01      # 2 ulps (NumPy's own: ~3)
+    tiny = np.array([-88.0, -100.0, -1e30], np.float32)
+    softmax_cpu.exp_into(tiny, got[:3])
+    assert np.all((got[:3] >= 0) & (got[:3] < 1.3e-38)), "underflow must give ~0, not garbage"
+
+
+def test_prefill_gated_mlp_equals_the_numpy_path(monkeypatch):
+    from daskllm.model.layers import gated_mlp
+    x = RNG.standard_normal((37, 48)).astype(np.float32)
+    w_gate_up, w_down = _matrix(2 * 70, 48, scale=1.0), _matrix(48, 70)
+    w_gate_up[:3] *= 200                        # gates far beyond exp's range: silu -> 0 or the gate itself
+    assert kernels.on_cpu(x)
+    got = gated_mlp(x, w_gate_up, w_down)
+    assert np.isfinite(got).all()
+    _numpy_path(monkeypatch)
+    assert_allclose(got, gated_mlp(x, w_gate_up, w_down), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "sees-nothing", "no-keys", "shuffled"])
+def test_prefill_attention_softmax_equals_the_numpy_path(case, monkeypatch):
+    from daskllm.model.layers import attention_partial
+    tq, tk, window = 24, 40, None
+    q_pos, k_pos = np.arange(16, 16 + tq), np.arange(tk)
+    if case == "window":
+        window = 7
+    elif case == "sees-nothing":                # the first queries come before every key of this block
+        k_pos = np.arange(20, 20 + tk)
+    elif case == "no-keys":
+        tk, k_pos = 0, np.arange(0)
+    elif case == "shuffled":                    # ring and zigzag blocks: positions in any order
+        k_pos = RNG.permutation(60)[:tk]
+    q = RNG.standard_normal((tq, 6, 16)).astype(np.float32)
+    k, v = (RNG.standard_normal((3, tk, 16)).astype(np.float32) for _ in range(2))
+    out, lse = attention_partial(q, k, v, q_pos, k_pos, 0.25, window)
+    _numpy_path(monkeypatch)
+    want_out, want_lse = attention_partial(q, k, v, q_pos, k_pos, 0.25, window)
+    assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(want_lse))            # who sees nothing
+    assert_allclose(lse[np.isfinite(lse)], want_lse[np.isfinite(want_lse)], rtol=1e-6, atol=1e-5)
+    if case == "sees-nothing":
+        assert np.isneginf(lse[:4]).all() and not out[:4].any()
+
+
+def test_masked_softmax_refuses_a_copy_it_would_work_on():
+    scores = np.zeros((2, 4, 6), np.float32)[:, :, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.masked_softmax(scores, np.arange(4), np.arange(3), None)

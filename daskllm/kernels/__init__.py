@@ -12,6 +12,8 @@ this package picks the kernel by the weight's layout (kernels.formats) and the r
 Activations stay float32 on every path.
 At decode sizes (few rows, NumPy arrays) RMSNorm, RoPE and attention over the KV cache also
 run as one compiled call each (kernels.decode_cpu): `decode_sized` says when.
+On NumPy float32 arrays of any size the MLP's gated SiLU and attention's masked softmax run
+compiled too, with an exp LLVM vectorises (kernels.softmax_cpu): `on_cpu` says when.
 """
 from __future__ import annotations
 
@@ -178,6 +180,39 @@ def attend_all_keys(q, k, v, scale):
     lse = np.empty(q.shape[:2], np.float32)
     _decode().attend_stored(q, keys, values, k.shape[1], np.float32(scale), out, lse)
     return out, lse
+
+
+def on_cpu(x) -> bool:
+    """Whether x is a float32 NumPy array (not CuPy): the compiled elementwise kernels apply."""
+    return type(x) is np.ndarray and x.dtype == np.float32
+
+
+def _softmax():
+    from . import softmax_cpu   # numba compiles (or loads its cache) on first use only
+    return softmax_cpu
+
+
+def gated_silu(h, width: int):
+    """silu(h[:, :width]) * h[:, width:] in one compiled pass.  h (T, 2I) float32 -> (T, I)"""
+    h = np.ascontiguousarray(h)
+    out = np.empty((h.shape[0], width), np.float32)
+    _softmax().gated_silu(h, width, out)
+    return out
+
+
+def masked_softmax(scores, q_pos, k_pos, window):
+    """scores (..., Tq, Tk) C-contiguous float32 -> exp(score - row max) in place over the keys
+    each query sees (layers.attention_partial's rule), 0 elsewhere.
+    -> (row max, row sum), each (..., Tq, 1); both 0 for a query that sees no key."""
+    if not scores.flags.c_contiguous:
+        raise ValueError("masked_softmax works in place: scores must be C-contiguous")
+    n_q, n_k = scores.shape[-2:]
+    rows = scores.reshape(int(np.prod(scores.shape[:-2])), n_q, n_k)      # (B, Tq, Tk), a view
+    top = np.empty(rows.shape[:2], np.float32)
+    total = np.empty(rows.shape[:2], np.float32)
+    _softmax().masked_softmax(rows, np.asarray(q_pos, np.int64), np.asarray(k_pos, np.int64),
+                              -1 if window is None else int(window), top, total)
+    return top.reshape(scores.shape[:-1] + (1,)), total.reshape(scores.shape[:-1] + (1,))
 
 
 def weight_bytes(shape: tuple, dtype: str) -> int:

@@ -37,7 +37,8 @@ def silu(x):
     """x * sigmoid(x), into one new array (a prefill's MLP activations are megabytes)."""
     xp = array_module(x)
     out = xp.negative(x)
-    xp.exp(out, out=out)
+    with np.errstate(over="ignore"):          # exp(-x) = inf for x < -88: x / inf = -0, right
+        xp.exp(out, out=out)
     out += 1
     return xp.divide(x, out, out=out)
 
@@ -49,6 +50,8 @@ def gated_mlp(x, w_gate_up, w_down):
     """
     h = matmul(x, w_gate_up)                                                 # (T, 2I)
     width = w_gate_up.shape[0] // 2
+    if kernels.on_cpu(h):
+        return matmul(kernels.gated_silu(h, width), w_down)                    # compiled: exp vectorised
     return matmul(silu(h[:, :width]) * h[:, width:], w_down)
 
 
@@ -116,23 +119,31 @@ def attention_partial(q, k, v, q_pos, k_pos, scale, window=None):
     # 512-token prefill's attention took 60 ms per layer with a new array per step, 32 without.
     qg = (q * scale).reshape(tq, n_kv, g, hd).transpose(1, 2, 0, 3).reshape(n_kv, g * tq, hd)  # (Hkv, G*Tq, hd)
     scores = (qg @ k.transpose(0, 2, 1)).reshape(n_kv, g, tq, -1)                   # (Hkv, G, Tq, Tk)
+    if kernels.on_cpu(scores):                          # mask, max, exp and sum in one compiled pass
+        row_max, total = kernels.masked_softmax(scores, q_pos, k_pos, window)       # (Hkv, G, Tq, 1) each
+    else:
+        row_max, total = _softmax_in_place(scores, visible, sees_all)
+    probs = scores                                                                  # (Hkv, G, Tq, Tk)
+    out = (probs.reshape(n_kv, g * tq, -1) @ v).reshape(n_kv, g, tq, hd)            # (Hkv, G, Tq, hd)
+    with np.errstate(divide="ignore"):                  # a query that sees no key: total 0, lse -inf
+        out = out / xp.where(total > 0, total, xp.float32(1))
+        lse = xp.log(total[..., 0]) + row_max[..., 0]                                # (Hkv, G, Tq)
+    out = out.transpose(2, 0, 1, 3).reshape(tq, n_heads, hd)
+    lse = lse.transpose(2, 0, 1).reshape(tq, n_heads)
+    return out, lse
+
+
+def _softmax_in_place(scores, visible, sees_all):
+    """scores -> exp(scores - row max) in place, masked keys 0.  -> row max (0 where no key is
+    visible) and row sum, each (..., 1)."""
+    xp = array_module(scores)
     if not sees_all:
         scores += xp.where(visible, xp.float32(0), xp.float32(-xp.inf))             # masked: -inf
     row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full(scores.shape[:-1] + (1,), -xp.inf, scores.dtype)
     safe_max = row_max if sees_all else xp.where(xp.isfinite(row_max), row_max, xp.float32(0))
     scores -= safe_max
-    probs = xp.exp(scores, out=scores)                                              # (Hkv, G, Tq, Tk)
-    total = probs.sum(axis=-1, keepdims=True)
-    out = (probs.reshape(n_kv, g * tq, -1) @ v).reshape(n_kv, g, tq, hd)            # (Hkv, G, Tq, hd)
-    if sees_all:
-        out, lse = out / total, xp.log(total[..., 0]) + safe_max[..., 0]              # (Hkv, G, Tq)
-    else:
-        with np.errstate(divide="ignore"):
-            out = out / xp.where(total > 0, total, xp.float32(1))
-            lse = xp.log(total[..., 0]) + safe_max[..., 0]
-    out = out.transpose(2, 0, 1, 3).reshape(tq, n_heads, hd)
-    lse = lse.transpose(2, 0, 1).reshape(tq, n_heads)
-    return out, lse
+    xp.exp(scores, out=scores)
+    return safe_max, scores.sum(axis=-1, keepdims=True)
 
 
 def merge_partials(outs, lses):
