@@ -163,24 +163,25 @@ def _numpy_path(monkeypatch):
     monkeypatch.setattr(kernels, "on_cpu", lambda x: False)
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (3, 4, 32), (4, 1000)])
-def test_decode_rms_norm_equals_the_numpy_path(shape, monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 96), (3, 4, 32), (4, 1000), (37, 5, 32)])      # decode and prefill rows
+def test_compiled_rms_norm_equals_the_numpy_path(shape, monkeypatch):
     from daskllm.model.layers import rms_norm
     x = RNG.standard_normal(shape).astype(np.float32)
     weight = RNG.standard_normal(shape[-1]).astype(np.float32)
-    assert kernels.decode_sized(x)
+    assert kernels.on_cpu(x)
     got = rms_norm(x, weight, 1e-6)
     _numpy_path(monkeypatch)
     assert got.shape == x.shape and got.dtype == np.float32
     assert_allclose(got, rms_norm(x, weight, 1e-6), rtol=1e-5, atol=1e-6)
 
 
-def test_decode_rope_equals_the_numpy_path_on_a_strided_view(monkeypatch):
+@pytest.mark.parametrize("rows", [3, 40])                                          # decode and prefill
+def test_compiled_rope_equals_the_numpy_path_on_a_strided_view(rows, monkeypatch):
     from daskllm.model.layers import apply_rope, rope_cos_sin, rope_inv_freq
     from daskllm.model.config import RopeConfig
-    qkv = RNG.standard_normal((3, 8 * 16 + 16)).astype(np.float32)
-    q = qkv[:, :8 * 16].reshape(3, 8, 16)                       # a column slice: not C-contiguous
-    cos, sin = rope_cos_sin(rope_inv_freq(RopeConfig(), 16), np.array([5, 9, 300]))
+    qkv = RNG.standard_normal((rows, 8 * 16 + 16)).astype(np.float32)
+    q = qkv[:, :8 * 16].reshape(rows, 8, 16)                    # a column slice: not C-contiguous
+    cos, sin = rope_cos_sin(rope_inv_freq(RopeConfig(), 16), RNG.integers(0, 4000, rows))
     got = apply_rope(q, cos, sin)
     _numpy_path(monkeypatch)
     assert_allclose(got, apply_rope(q, cos, sin), rtol=1e-5, atol=1e-6)

@@ -10,10 +10,11 @@ this package picks the kernel by the weight's layout (kernels.formats) and the r
                      the GEMM rate
   16-bit, Q8_0, GPU  the matrix dequantized to float32 on the device, then cuBLAS (CuPy)
 Activations stay float32 on every path.
-At decode sizes (few rows, NumPy arrays) RMSNorm, RoPE and attention over the KV cache also
-run as one compiled call each (kernels.decode_cpu): `decode_sized` says when.
-On NumPy float32 arrays of any size the MLP's gated SiLU and attention's masked softmax run
-compiled too, with an exp LLVM vectorises (kernels.softmax_cpu): `on_cpu` says when.
+On NumPy float32 arrays (`on_cpu`) the pieces around the matmuls run compiled too:
+  RMSNorm and RoPE, one call each (kernels.decode_cpu)
+  the MLP's gated SiLU and attention's masked softmax, with an exp LLVM vectorises
+  (kernels.softmax_cpu)
+  at decode sizes (`decode_sized`), attention over the KV cache in one call (kernels.decode_cpu)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A decode step's small per-layer pieces in compiled code (numba): RMSNorm, RoPE, attention.
+"""Small per-layer pieces in compiled code (numba): RMSNorm and RoPE, and a decode step's attention.
 
 Legend: T rows (a decode step: one per sequence), D width, H query heads, Hkv KV heads,
 G = H / Hkv, hd head dim, n keys stored.
@@ -9,6 +9,8 @@ row), RoPE 5 (10 us for 16 heads), and attention a dozen plus a batched matmul p
 (~50-110 us for 16/8 heads over 40 keys), paid by every layer of every step. Here each is one
 call (1.5 us, 1.5 us, 15-40 us on the same shapes, AMD EPYC, one thread). The arithmetic is
 the NumPy path's, in float32; only the order of additions differs (float32 round-off).
+RMSNorm and RoPE serve a prefill too: one pass instead of NumPy's 5-6 over megabytes
+(512 rows of the 207M Llama: RMSNorm 0.78 -> 0.14 ms, RoPE of q and k 3.4 -> 0.9 ms).
 
 One thread, no parallel launch: the work per call is microseconds, less than waking numba's
 threads. nogil, so ranks sharing a process may run them at once. Cached on disk.

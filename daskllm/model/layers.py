@@ -26,8 +26,8 @@ def array_module(x):
 
 def rms_norm(x, weight, eps):
     """x * weight / rms(x), over the last dim, in float32."""
-    if kernels.decode_sized(x):
-        return kernels.rms_norm_rows(x, weight, eps)          # one compiled call at decode sizes
+    if kernels.on_cpu(x):
+        return kernels.rms_norm_rows(x, weight, eps)          # one compiled call, any number of rows
     xp = array_module(x)
     var = (x * x).sum(axis=-1, keepdims=True) / x.shape[-1]     # xp.mean's result, without its per-call overhead
     return x * (1.0 / xp.sqrt(var + eps)) * weight
@@ -85,8 +85,8 @@ def rope_cos_sin(inv_freq, positions):
 
 def apply_rope(x, cos, sin):
     """Rotate each head of x by its token's position.  x (T, heads, hd), cos/sin (T, hd)"""
-    if kernels.decode_sized(x):
-        return kernels.rope_rows(x, cos, sin)                 # one compiled call at decode sizes
+    if kernels.on_cpu(x):
+        return kernels.rope_rows(x, cos, sin)                 # one compiled call, any number of rows
     xp = array_module(x)
     half = x.shape[-1] // 2
     rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)     # rotate_half
