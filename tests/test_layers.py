@@ -75,10 +75,15 @@ def test_kv_cache_grows_keeps_positions_and_enforces_budget():
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_blockwise_attention_equals_one_partial(window):
+@pytest.mark.parametrize("keys", ["in order", "shuffled", "after some queries"])
+def test_blockwise_attention_equals_one_partial(window, keys):
     q, k, v = _qkv(tq=37, tk=50, seed=2)
     q_pos, k_pos = np.arange(13, 50), np.arange(50)
+    if keys == "shuffled":                          # a zigzag shard: key spans cannot be cut by position
+        k_pos = np.random.default_rng(3).permutation(50)
+    elif keys == "after some queries":              # the first query tiles see no key at all
+        k_pos = np.arange(30, 80)
     whole = attention_partial(q, k, v, q_pos, k_pos, 0.3, window)
-    tiled = blockwise_attention(q, k, v, q_pos, k_pos, 0.3, window, block=8)
+    tiled = blockwise_attention(q, k, v, q_pos, k_pos, 0.3, window, block=8, key_block=16)
     np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tiled[1], whole[1], rtol=1e-5, atol=1e-6)
