@@ -108,6 +108,7 @@ class LLM:
                         "rank_tuning": settings.get("rank-tuning"), "dtype": dtype,
                         "dtypes": resolve_dtype(self.checkpoint, dtype)}
         self.ship_weights = bool(ship_weights)
+        settings.decode_steps()                  # a bad setting fails here, before any worker is touched
         compose.check(self.config, self.mesh, self.options)
         self.tokenizer = open_tokenizer(self.checkpoint)
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_ids

@@ -24,6 +24,22 @@ def test_messages_go_both_ways_in_order():
         server.close()
 
 
+def test_a_generator_handler_streams_each_reply_as_it_yields_it():
+    def handler(msg):
+        for i in range(msg[1]):
+            yield ["ok", i]
+
+    server = ControlServer(handler)
+    link = ControlLink(server.address, timeout=5.0)
+    try:
+        link.send(["steps", 3])
+        link.send(["steps", 2])
+        assert [link.recv(5.0) for _ in range(5)] == [["ok", 0], ["ok", 1], ["ok", 2], ["ok", 0], ["ok", 1]]
+    finally:
+        link.close()
+        server.close()
+
+
 def test_int_keys_and_big_seeds_survive_the_trip():
     server = ControlServer(lambda msg: ["ok", {7: 42, -3: 1}, msg])
     link = ControlLink(server.address, timeout=5.0)

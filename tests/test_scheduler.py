@@ -10,6 +10,7 @@ import pytest
 from daskllm.engine.request import Request, TextDecoder
 from daskllm.engine.router import LLMClosedError, Router
 from daskllm.engine.scheduler import ReplicaEngine
+from daskllm.model.runner import Work
 from daskllm.model.sampling import SamplingParams
 from daskllm.runtime.replica import RankCallError
 
@@ -242,3 +243,127 @@ def test_logits_sequences_are_grouped_within_the_kv_budget():
     assert all(sum(n for _, n in g) <= 100 for g in groups)
     with pytest.raises(RequestError, match="KV cache"):
         budget_groups([[1] * 95], lambda n: n + 10, budget=100)
+
+
+class RunningReplica(ScriptedReplica):
+    """A ScriptedReplica that also takes runs of decode steps (submit_step with steps > 1), as a
+    replica on control connections does: token = 100 + counter, so each token tells which step
+    gave it; a sequence stops at one of its stop ids, and `fail_at_run_step` raises at that step
+    of a run (the ranks then send nothing more for it)."""
+    sends_ahead, pipeline_depth = True, 1
+
+    def __init__(self, fail_at_run_step=None):
+        super().__init__()
+        self.messages, self.pending, self.fail_at_run_step = [], [], fail_at_run_step
+
+    def submit_step(self, work, release=(), steps=1, stop_ids=()):
+        self.messages.append(steps)
+        self.release(release)
+        stops = dict(zip((w.seq for w in work), stop_ids))
+        for i in range(steps):
+            if i == self.fail_at_run_step:
+                self.pending.append(RankCallError("rank 0 failed in step: ValueError: mid-run"))
+                return
+            self.steps.append([(w.seq, len(w.tokens), w.start, w.sample) for w in work])
+            self.live |= {w.seq for w in work}
+            chosen = {w.seq: 100 + w.counter for w in work if w.sample}
+            self.pending.append(chosen)
+            work = [Work(w.seq, (chosen[w.seq],), w.start + len(w.tokens), True, w.params, w.counter + 1)
+                    for w in work if chosen.get(w.seq) not in stops.get(w.seq, ())]
+
+    def finish_step(self):
+        answer = self.pending.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def step(self, work, release=()):              # a single step, answered at once
+        self.submit_step(work, release)
+        return self.finish_step()
+
+
+class CharDecoder:
+    def step(self, token):
+        return chr(token)
+
+
+def _steps(n):
+    import dask
+    return dask.config.set({"daskllm.decode-steps": n})
+
+
+def test_a_steady_batch_decodes_in_runs_and_every_token_still_streams():
+    replica = RunningReplica()
+    with _steps(4):
+        engine = ReplicaEngine(replica, budget_tokens=10_000, max_batch_tokens=64, on_lost=None)
+        try:
+            request = _request(3, 10)
+            engine.submit(request)
+            out = request.wait(timeout=10)
+        finally:
+            engine.close()
+    assert out.token_ids == [100 + i for i in range(10)] and out.finish_reason == "length"
+    assert list(request.pieces()) == out.token_ids                     # streamed one by one
+    assert replica.messages == [1, 4, 4, 1]          # the prefill alone, runs, never past max_new_tokens
+    assert [s[0][2] for s in replica.steps] == [0] + list(range(3, 12))      # one position after another
+    assert len(engine.step_log) == 10                # a turn per step, runs included
+
+
+def test_eos_a_stop_string_and_cancel_mid_run_end_requests_as_single_steps_do():
+    def run(steps):
+        replica = RunningReplica()
+        with _steps(steps):
+            engine = ReplicaEngine(replica, budget_tokens=10_000, max_batch_tokens=64, on_lost=None)
+            try:
+                eos = Request([1, 2, 3], SamplingParams(), 20, eos_ids=(103,))
+                stop = Request([1, 2, 3], SamplingParams(), 20, stop=("ef",), decoder=CharDecoder())
+                plain = _request(3, 9)
+                with engine._cond:                   # one batch from the start
+                    engine._waiting.extend([eos, stop, plain])
+                    engine._cond.notify()
+                outs = [r.wait(timeout=10) for r in (eos, stop, plain)]
+                _until(lambda: not replica.live)
+            finally:
+                engine.close()
+        return [(o.token_ids, o.text, o.finish_reason) for o in outs], replica
+    single, _ = run(1)
+    runs, replica = run(8)
+    assert runs == single
+    assert single == [([100, 101, 102, 103], "", "eos"), ([100, 101, 102], "d", "stop"),   # chr(100) = "d"
+                      ([100 + i for i in range(9)], "", "length")]
+    assert max(replica.messages) > 1
+
+
+def test_a_step_that_fails_mid_run_fails_its_requests_and_the_engine_serves_on():
+    replica = RunningReplica(fail_at_run_step=2)
+    with _steps(4):
+        engine = ReplicaEngine(replica, budget_tokens=10_000, max_batch_tokens=64, on_lost=None)
+        try:
+            bad = _request(3, 10)
+            engine.submit(bad)
+            with pytest.raises(RankCallError, match="mid-run"):
+                bad.wait(timeout=10)
+            assert len(bad.generated) == 3               # the prefill's token and the run's first two
+            _until(lambda: bad.id in replica.released)
+            replica.fail_at_run_step = None
+            good = _request(3, 6)
+            engine.submit(good)
+            assert good.wait(timeout=10).token_ids == [100 + i for i in range(6)] and engine.alive
+        finally:
+            engine.close()
+
+
+def test_auto_runs_as_many_steps_as_fit_its_time_and_a_setting_is_checked():
+    replica = RunningReplica()                       # answers at once: "auto" takes the most, 8
+    engine = ReplicaEngine(replica, budget_tokens=10_000, max_batch_tokens=64, on_lost=None)
+    try:
+        request = _request(3, 20)
+        engine.submit(request)
+        assert request.wait(timeout=10).token_ids == [100 + i for i in range(20)]
+    finally:
+        engine.close()
+    assert replica.messages == [1, 8, 8, 3]
+    from daskllm.runtime import settings
+    for bad in (0, "fast", 2.5, True):
+        with _steps(bad), pytest.raises(ValueError, match="decode-steps must be 'auto' or an integer >= 1"):
+            settings.decode_steps()

@@ -61,3 +61,25 @@ def test_seeded_sampling_on_tp2_and_sp2_equals_one_rank(client):
     for axes in (dict(tp=2), dict(sp=2), dict(tp=2, sp=2)):
         with LLM(golden_dir("qwen2"), client=client, **axes) as llm:
             assert [o.token_ids for o in llm.generate(prompts, **kwargs)] == expected, axes
+
+
+def test_runs_of_decode_steps_give_the_tokens_of_single_steps(client):
+    """A run (daskllm.decode-steps): the ranks feed their own tokens; tp=2 ranks must agree on
+    each, seeded sampling included, and a sequence that meets its eos mid-run stops there."""
+    import dask
+    prompts = [[3, 4, 5, 6], list(range(20, 57))]
+    sampled = dict(max_new_tokens=12, temperature=0.9, top_k=40, seed=7, ignore_eos=True)
+    results = {}
+    for steps in (1, 5):
+        with dask.config.set({"daskllm.decode-steps": steps}), LLM(golden_dir("llama"), tp=2, client=client) as llm:
+            greedy = [o.token_ids for o in llm.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+            # eos: a token that first comes 3rd or later in one prompt's greedy tokens (it ends that
+            # one mid-run; the other goes on unless it meets it too)
+            row, at = next((r, i) for r, toks in enumerate(greedy) for i in range(2, 12) if toks[i] not in toks[:i])
+            llm.eos_ids = (greedy[row][at],)
+            stopped = llm.generate(prompts, max_new_tokens=12)
+            results[steps] = (greedy, [o.token_ids for o in llm.generate(prompts, **sampled)],
+                              [(o.token_ids, o.finish_reason) for o in stopped])
+    assert results[5] == results[1]
+    greedy, _, stopped = results[5]
+    assert stopped[row] == (greedy[row][:at + 1], "eos")

@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+import types
 
 import msgpack
 
@@ -54,6 +55,8 @@ class ControlServer:
     """Rank side: accepts the driver's connection and answers each message with handler(msg).
 
     The handler runs in this server's own thread, one message at a time, in arrival order.
+    A handler that is a generator sends each reply it yields as soon as it yields it (a run
+    of decode steps streams one reply per step).
     """
 
     def __init__(self, handler, host: str = "127.0.0.1", ssl_context=None, accept_timeout: float = 60.0):
@@ -87,7 +90,9 @@ class ControlServer:
             if self._closed:           # closed while accepting
                 return
             while True:
-                _send(sock, self.handler(_recv(sock)))
+                answer = self.handler(_recv(sock))
+                for reply in (answer if isinstance(answer, types.GeneratorType) else [answer]):
+                    _send(sock, reply)             # a generator handler answers several times, as it goes
         except (OSError, EOFError, ValueError):
             return                     # the driver went away or we were closed: nothing to answer
         finally:

@@ -4,6 +4,11 @@ Each loop turn is one step of the replica: waiting requests join the running bat
 the KV budget allows (their prompt is prefilled, in chunks if long), running ones decode
 one token, finished or cancelled ones leave at once and their caches are freed with the
 next step, or by a release call of their own when no step follows.
+While the batch is steady (every sequence decoding, nobody waiting to join) one message may
+carry a run of decode steps (daskllm.decode-steps): the ranks feed each sequence the token
+they chose, and stream each step's tokens back, so the driver's turn between steps leaves
+the path (as vLLM's multi-step scheduling). A request that ends on a stop string or is
+cancelled mid-run has its later tokens dropped; one arriving mid-run joins after it.
 An error in one request fails that request only. If the replica is lost, its requests are
 handed back (prompt + tokens so far) to be re-run elsewhere.
 """
@@ -14,6 +19,7 @@ import time
 from collections import deque
 
 from ..model.runner import Work
+from ..runtime import settings
 from ..runtime.replica import ReplicaError
 from .validate import kv_reservation
 
@@ -39,6 +45,7 @@ class ReplicaEngine:
         self._fed = {}                       # request id -> tokens of its context already in the cache
         self._busy = set()                   # request ids in a step not yet answered (pipelined replicas)
         self._release = []
+        self._answered_at = 0.0              # when the last answer was handled (a run's next turn starts there)
         # (seconds of a loop turn, the slowest rank's compute in it): the control path's cost
         # is the difference (benchmarks/dask_tax.py)
         self.step_log = deque(maxlen=4096)
@@ -180,7 +187,7 @@ class ReplicaEngine:
         A pipelined replica (pp stages) keeps up to pp steps in flight, each over its own share of the
         running sequences (a micro-batch), so that every stage has one to run; other replicas keep one."""
         depth = getattr(self.replica, "pipeline_depth", 1)
-        in_flight = deque()                  # (finish, work, release, turn start), oldest first
+        in_flight = deque()                  # (finish, work, release, turn start, run), oldest first
         while True:
             with self._cond:
                 while not self._stop and not in_flight and not self._waiting and not self._running \
@@ -192,51 +199,88 @@ class ReplicaEngine:
                 self._drop_finished()
                 self._admit()
                 work, release = [], []
+                steps, stop_ids = 1, []
                 # Room for another step, unless a call from another thread waits for the ranks.
                 if len(in_flight) < depth and not (in_flight and getattr(self.replica, "others_waiting", False)):
                     work = self._plan_step(limit=-(-len(self._running) // depth))
                     if work or not in_flight:        # a release alone goes only when nothing is in flight
                         release, self._release = self._release, []
+                    steps = self._run_length(work, depth)
+                    stop_ids = [self._running[w.seq].eos_ids for w in work] if steps > 1 else []
                 if not work and not release and not in_flight:   # all waiting, the budget held by a call beside
                     self._cond.wait(1.0)
                     continue
                 self._busy.update(w.seq for w in work)
             if work or release:
                 try:
-                    in_flight.append((self._send(work, release), work, release, turn_start))
+                    in_flight.extend(self._send(work, release, turn_start, steps, stop_ids))
                 except ReplicaError as error:
                     self._lost(error)
                     return
                 if len(in_flight) < depth and work:
                     continue                         # fill the pipeline before waiting for an answer
-            if in_flight and not self._receive(*in_flight.popleft()):
-                return
+            if in_flight:
+                finish, work, release, turn_start, run = in_flight.popleft()
+                answered = self._receive(finish, work, release, turn_start)
+                if answered is None:
+                    return                                   # the replica is lost
+                if not answered and run is not None:         # the ranks end a run at its failed step
+                    kept = [entry for entry in in_flight if entry[4] is not run]
+                    in_flight.clear()
+                    in_flight.extend(kept)
         while in_flight:                             # closing: let the ranks finish what they were sent
             try:
                 in_flight.popleft()[0]()
             except Exception:   # noqa: BLE001 - the requests were failed by close()
                 pass
 
-    def _send(self, work, release):
-        """Start a step; -> a function that waits for its answer, {seq: next token}."""
+    def _run_length(self, work, depth) -> int:
+        """Decode steps to send in one message: more than 1 only while the batch is steady (every
+        sequence decoding, nobody waiting to join), on a replica that can (control connections, pp=1),
+        and never past a request's max_new_tokens."""
+        if depth > 1 or not work or self._waiting or not getattr(self.replica, "sends_ahead", False):
+            return 1
+        requests = [self._running[w.seq] for w in work]
+        if not all(self._decoding(r) for r in requests):
+            return 1
+        wanted = settings.decode_steps()
+        if wanted == "auto":                 # as many as fit in RUN_SECONDS at the last step's pace
+            last = self.step_log[-1][0] if self.step_log else None
+            wanted = int(settings.RUN_SECONDS / last) if last else 1
+        left = min(r.max_new_tokens - len(r.generated) for r in requests)
+        return max(1, min(wanted, settings.MAX_RUN, left))
+
+    def _send(self, work, release, turn_start, steps=1, stop_ids=()):
+        """Start a step, or a run of `steps` decode steps; -> its in-flight entries, one per step,
+        oldest first: (a function that waits for the step's answer {seq: next token}, its work,
+        release, turn start, its run or None). A run's later steps get placeholder work for _receive's bookkeeping
+        (its positions; the tokens are the ranks' own) and start their turn at the answer before."""
+        if steps > 1:
+            self.replica.submit_step(work, release, steps, stop_ids)
+            run = object()                   # marks the run's entries (a failed step ends the run)
+            later = [[Work(w.seq, w.tokens, w.start + i) for w in work] for i in range(1, steps)]
+            return [(self.replica.finish_step, work, release, turn_start, run)] + \
+                [(self.replica.finish_step, placeholder, [], None, run) for placeholder in later]
         if work and hasattr(self.replica, "submit_step") and self.replica.pipeline_depth > 1:
             self.replica.submit_step(work, release)
-            return self.replica.finish_step
+            return [(self.replica.finish_step, work, release, turn_start, None)]
         if work:
-            return lambda: self.replica.step(work, release)
-        return lambda: self.replica.release(release)
+            return [(lambda: self.replica.step(work, release), work, release, turn_start, None)]
+        return [(lambda: self.replica.release(release), work, release, turn_start, None)]
 
-    def _receive(self, finish, work, release, turn_start) -> bool:
-        """Wait for a step's answer and give each request its token; False once the replica is lost."""
+    def _receive(self, finish, work, release, turn_start) -> bool | None:
+        """Wait for a step's answer and give each request its token; False if the step failed on the
+        ranks (its requests fail), None once the replica is lost."""
         start = time.perf_counter()
+        turn_start = self._answered_at if turn_start is None else turn_start     # a run's later step
         try:
             chosen = finish()
         except ReplicaError as error:   # a rank is lost or frozen: its requests move on
             self._lost(error)
-            return False
+            return None
         except Exception as error:      # noqa: BLE001 - the call failed, the ranks are fine
             self._failed(work, release, error)
-            return True
+            return False
         finally:
             with self._cond:
                 self._busy.difference_update(w.seq for w in work)
@@ -259,8 +303,9 @@ class ReplicaEngine:
                 except Exception as error:   # noqa: BLE001 - e.g. its decoder: this request only
                     req.fail(RuntimeError(f"request {req.id} failed: {type(error).__name__}: {error}"))
             self._drop_finished()
+        self._answered_at = time.perf_counter()
         if work:
-            self.step_log.append((time.perf_counter() - turn_start, getattr(self.replica, "last_compute", 0.0)))
+            self.step_log.append((self._answered_at - turn_start, getattr(self.replica, "last_compute", 0.0)))
         return True
 
     def _failed(self, work, release, error):

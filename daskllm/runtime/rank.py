@@ -17,12 +17,19 @@ from ..comm.control import ControlServer
 from ..comm.tcp import TcpTransport, tls_contexts_from_security
 from ..io.formats import open_checkpoint
 from ..io.loader import ShippedShards
+from ..model.runner import Work
 from ..parallel.build import array_module_for, build_runner
 from ..parallel.compose import axis_communicators, rank_setup
 from ..parallel.mesh import Mesh
 from . import tuning
 from .load_report import ReportedReads
 from .wire import work_from_wire
+
+
+def _error_reply(e: Exception) -> list:
+    # lost?: is this rank cut off (a collective failed), or did the step just raise?
+    return ["error", type(e).__name__, str(e), isinstance(e, (CommError, OSError, TimeoutError)),
+            getattr(e, "peer", None)]
 
 
 def _worker():
@@ -78,21 +85,40 @@ class RankActor:
         self.control = ControlServer(self._on_control, _worker_host(worker), ctx, accept_timeout)
         return self.control.address
 
-    def _on_control(self, message: list) -> list:
-        """One control message: ["step", work, release] -> ["ok", {seq: token}, compute seconds];
-        any exception -> ["error", its type, its message, lost?, the peer rank it names or None]
-        (the driver names the rank, and the peer's host)."""
+    def _on_control(self, message: list):
+        """One control message:
+          ["step", work, release] -> ["ok", {seq: token}, compute seconds]
+          ["steps", work, release, n, stop_ids] -> that reply after each of up to n decode steps
+            (a generator: ControlServer streams them). After the first, each sequence is fed the
+            token it was just given, until one of its stop_ids (its eos) ends it here; a step with
+            no sequence left answers ["ok", {}, 0.0] without computing, so every run has n replies.
+        Any exception -> ["error", its type, its message, lost?, the peer rank it names or None]
+        (the driver names the rank, and the peer's host); a run's replies end with its first error.
+        """
         try:
             method, *args = message
+            if method == "steps":
+                return self._decode_run(*args)
             if method != "step":
                 raise ValueError(f"unknown control message {method!r}")
             work, release = args
             chosen, seconds = self._step([work_from_wire(w) for w in work], release)
             return ["ok", chosen, seconds]
         except Exception as e:   # noqa: BLE001 - reported to the driver, which fails the step
-            # lost?: is this rank cut off (a collective failed), or did the step just raise?
-            return ["error", type(e).__name__, str(e), isinstance(e, (CommError, OSError, TimeoutError)),
-                    getattr(e, "peer", None)]
+            return _error_reply(e)
+
+    def _decode_run(self, work, release, n_steps, stop_ids):
+        work = [work_from_wire(w) for w in work]
+        stops = {w.seq: set(ids) for w, ids in zip(work, stop_ids)}
+        for i in range(n_steps):
+            try:
+                chosen, seconds = self._step(work, release if i == 0 else []) if work else ({}, 0.0)
+            except Exception as e:   # noqa: BLE001 - as in _on_control
+                yield _error_reply(e)
+                return
+            yield ["ok", chosen, seconds]
+            work = [Work(w.seq, (chosen[w.seq],), w.start + len(w.tokens), True, w.params, w.counter + 1)
+                    for w in work if w.seq in chosen and chosen[w.seq] not in stops[w.seq]]
 
     def _step(self, work: list, release: list) -> tuple:
         start = time.perf_counter()

@@ -294,22 +294,39 @@ class Replica:
     # -- pipelined steps: several in flight, answered in order ---------------------------
 
     @property
+    def sends_ahead(self) -> bool:
+        """Whether steps can be sent now and answered later (submit_step, finish_step), runs of decode
+        steps included: over the control connections, not actor calls."""
+        return bool(self._links)
+
+    @property
     def pipeline_depth(self) -> int:
         """How many steps the driver keeps in flight: one per pipeline stage, so that every stage has
         a micro-batch to run (over the control connections; the actor path steps one at a time)."""
         return self.mesh.pp if self._links else 1
 
-    def submit_step(self, work: list, release=()):
+    def submit_step(self, work: list, release=(), steps: int = 1, stop_ids=()):
         """Send a step to every rank without waiting for it; finish_step() returns the answers of the
         oldest step in flight. From the first submit until the last answer the order lock is held, so
-        no other driver call gets between pipelined steps (the engine drains when others_waiting)."""
+        no other driver call gets between pipelined steps (the engine drains when others_waiting).
+
+        steps > 1: a run of that many decode steps in one message (RankActor._decode_run): the ranks
+        feed each sequence the token they just chose, so the driver is not on the path between
+        steps; finish_step() then returns each step's answers in turn. stop_ids: each work item's
+        eos ids, which end its sequence early. Every rank must sample (pp=1)."""
         if not self._links:
             raise RuntimeError("pipelined steps need the control connections (daskllm.control='direct')")
+        if steps > 1 and self.mesh.pp > 1:
+            raise ValueError(f"a run of decode steps needs every rank to sample; this replica has pp={self.mesh.pp}")
         if not self._in_flight:
             self._take_order()
         try:
-            message = ["step", [work_to_wire(w) for w in work], list(release)]
-            self._in_flight.append(self._control_send(message, "step"))
+            wire = [work_to_wire(w) for w in work]
+            message = ["step", wire, list(release)] if steps == 1 else \
+                ["steps", wire, list(release), steps, [list(ids) for ids in stop_ids]]
+            sent_at, run = self._control_send(message, "step"), object()
+            # A run's later steps wait from when the one before was answered (sent_at None).
+            self._in_flight.extend((sent_at if i == 0 else None, run) for i in range(steps))
         except BaseException:
             if not self.alive:                   # lost: what is in flight will never be answered
                 self._in_flight.clear()
@@ -319,9 +336,12 @@ class Replica:
 
     def finish_step(self) -> dict:
         """{seq: next token} of the oldest step in flight (raises what step() would)."""
-        sent_at = self._in_flight[0]
+        sent_at, run = self._in_flight[0]
         try:
-            return self._tokens(self._control_collect("step", sent_at))
+            return self._tokens(self._control_collect("step", time.monotonic() if sent_at is None else sent_at))
+        except RankCallError:                    # the ranks end a run at its first error: drop its later steps
+            self._in_flight[1:] = [entry for entry in self._in_flight[1:] if entry[1] is not run]
+            raise
         finally:
             self._in_flight.pop(0)
             if not self.alive:                   # lost: the later steps will never be answered

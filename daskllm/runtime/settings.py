@@ -21,11 +21,23 @@ DEFAULTS = {
         "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)
         "dashboard-interval": 1.0,  # s between the statistics an LLM publishes to the /daskllm page (0: off)
         "max-batch-tokens": 4096,   # tokens a rank takes in one step (x sp per replica; longer prefills are chunked)
+        "decode-steps": "auto",     # decode steps per message while the batch is steady (ranks feed their own
+                                    #    tokens): an int >= 1, or "auto": as many as fit in RUN_SECONDS, at most 8
     }
 }
+RUN_SECONDS = 0.05                  # "auto": a run's length, the most a request arriving meanwhile waits to join
+MAX_RUN = 8
 dask.config.update_defaults(DEFAULTS)
 
 
 def get(name: str):
     """A daskllm setting, e.g. get("step-timeout")."""
     return dask.config.get(f"daskllm.{name}")
+
+
+def decode_steps():
+    """The decode-steps setting, checked: "auto" or an int >= 1."""
+    value = get("decode-steps")
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"daskllm.decode-steps must be 'auto' or an integer >= 1, got {value!r}")
