@@ -8,7 +8,9 @@ Rows, each on its own fresh LocalCluster, one after the other:
 - in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
 - LLM at one rank (1 worker x 2 threads) as daskllm runs it now (rank tuning, control
   connection), and with those turned off (the nanny's malloc setting, actor calls);
-- tp=2 (2 workers x 1 thread), control connection and actor calls.
+- tp=2 (2 workers x 1 thread), control connection and actor calls;
+- both with runs of 4 decode steps per message (daskllm.decode-steps=4; the default "auto"
+  runs as many as fit in 50 ms, so 1 at this model's ~40 ms steps).
 Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(1 token)) / K.
 Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
@@ -66,7 +68,7 @@ class InProcess:
 
 
 class Cluster:
-    def __init__(self, path, tp, threads, control, tuning, name):
+    def __init__(self, path, tp, threads, control, tuning, name, decode_steps="auto"):
         import dask
         from distributed import Client, LocalCluster
 
@@ -75,7 +77,8 @@ class Cluster:
         self.cluster = LocalCluster(n_workers=tp, threads_per_worker=threads, processes=True,
                                     dashboard_address=None, host="127.0.0.1")
         self.client = Client(self.cluster, direct_to_workers=True)
-        with dask.config.set({"daskllm.control": control, "daskllm.rank-tuning": tuning}):
+        with dask.config.set({"daskllm.control": control, "daskllm.rank-tuning": tuning,
+                              "daskllm.decode-steps": decode_steps}):
             self.llm = LLM(str(path), tp=tp, client=self.client)
         self.engine = self.llm.router.engines[0]
         self.computes = []
@@ -204,7 +207,11 @@ def main(argv=None):
                (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, name="LLM 1 rank")),
                (Cluster, dict(tp=1, threads=2, control="actor", tuning=False,
                               name="LLM 1 rank, no tuning, actor calls")),
+               (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, decode_steps=4,
+                              name="LLM 1 rank, runs of 4 steps")),
                (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, name="LLM tp=2")),
+               (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, decode_steps=4,
+                              name="LLM tp=2, runs of 4 steps")),
                (Cluster, dict(tp=2, threads=1, control="actor", tuning=True, name="LLM tp=2, actor calls"))]
     if args.skip_off:
         configs = [c for c in configs if c[1].get("control", "direct") == "direct"]
