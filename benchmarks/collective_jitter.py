@@ -1,12 +1,15 @@
 """What an all-reduce costs between bursts of compute: two plain processes, no Dask.
 
-Run: python benchmarks/collective_jitter.py [--spin SECONDS]
+Run: python benchmarks/collective_jitter.py [--spin SECONDS] [--shared-memory]
 
 Each of two processes runs `matmuls` (1 x 1024) @ (1024 x 704) products (one BLAS thread),
 then a 4 KiB all-reduce over daskllm's TCP transport, 500 times; it prints the median and
 mean time spent in the all-reduce and the time per iteration. With no compute between them
 the all-reduce shows the transport's own latency; with compute it also shows how late the
 other rank arrives (compute-time jitter between the two processes) and any wake-up cost.
+--shared-memory runs the same loop over a bare shared-memory exchange instead (each rank
+writes its vector and a sequence number, then spins until the other's appears: no system
+call, no wake-up), to measure what a same-host transport would save; daskllm has none yet.
 """
 import argparse
 import multiprocessing as mp
@@ -41,13 +44,78 @@ def rank(r, addresses_out, addresses_in, results, matmuls, spin):
     transport.close()
 
 
+def shared_memory_rank(r, name, results, matmuls):
+    """rank() over a shared-memory exchange: two slots per rank (by call parity, so a rank never
+    overwrites a vector the other has not read) and one sequence number each (x86 keeps stores
+    in order, so the vector is there once the number is)."""
+    from multiprocessing import shared_memory
+
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+    shm = shared_memory.SharedMemory(name=name)
+    seqs = np.ndarray((2,), np.int64, shm.buf[:16])
+    slots = np.ndarray((2, 2, 1024), np.float32, shm.buf[64:64 + 2 * 2 * 1024 * 4])
+    calls = 0
+
+    def all_reduce(y):
+        nonlocal calls
+        calls += 1
+        slots[r, calls % 2] = y
+        seqs[r] = calls
+        spins = 0
+        while seqs[1 - r] < calls:
+            spins += 1
+            if spins % 1000 == 0:
+                time.sleep(0)               # let this process's other threads have the GIL
+        return y + slots[1 - r, calls % 2]
+
+    w = np.random.rand(1024, 704).astype(np.float32)
+    x, y = np.random.rand(1, 1024).astype(np.float32), np.random.rand(1, 1024).astype(np.float32)
+    for _ in range(50):
+        all_reduce(y)
+    waits, start = [], time.perf_counter()
+    for _ in range(500):
+        for _ in range(matmuls):
+            x @ w
+        t0 = time.perf_counter()
+        all_reduce(y)
+        waits.append(time.perf_counter() - t0)
+    results.put((r, matmuls, np.median(waits) * 1e6, np.mean(waits) * 1e6, (time.perf_counter() - start) / 500 * 1e6))
+    del seqs, slots
+    shm.close()
+
+
+def run_shared_memory(matmuls) -> list:
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(create=True, size=64 + 2 * 2 * 1024 * 4)
+    try:
+        np.ndarray((2,), np.int64, shm.buf[:16])[:] = 0
+        results = mp.Queue()
+        procs = [mp.Process(target=shared_memory_rank, args=(r, shm.name, results, matmuls)) for r in range(2)]
+        for p in procs:
+            p.start()
+        rows = sorted(results.get(timeout=120) for _ in range(2))
+        for p in procs:
+            p.join(timeout=30)
+        return rows
+    finally:
+        shm.close()
+        shm.unlink()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spin", type=float, default=0.0, help="seconds a waiting rank polls before sleeping")
+    parser.add_argument("--shared-memory", action="store_true", help="a bare shared-memory exchange, not TCP")
     args = parser.parse_args()
-    print(f"| matmuls between | rank | all_reduce median us | mean us | iteration us |   (spin {args.spin} s)")
+    what = "shared memory, spinning" if args.shared_memory else f"TCP, spin {args.spin} s"
+    print(f"| matmuls between | rank | all_reduce median us | mean us | iteration us |   ({what})")
     print("| --: | --: | --: | --: | --: |")
     for matmuls in (0, 4, 16):
+        if args.shared_memory:
+            for r, m, median, mean, iteration in run_shared_memory(matmuls):
+                print(f"| {m} | {r} | {median:.0f} | {mean:.0f} | {iteration:.0f} |")
+            continue
         addresses, results, inboxes = mp.Queue(), mp.Queue(), [mp.Queue(), mp.Queue()]
         procs = [mp.Process(target=rank, args=(r, addresses, inboxes[r], results, matmuls, args.spin)) for r in range(2)]
         for p in procs:
