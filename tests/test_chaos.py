@@ -107,7 +107,10 @@ def test_a_frozen_rank_is_replaced_and_corrupts_nothing_when_it_wakes(reference)
 def test_requests_fail_with_a_clear_error_when_no_rebuild_is_possible_in_time(reference):
     cluster, client = _cluster(2)                      # tp=2 and no spare: the restart is the only hope
     try:
-        with dask.config.set({**FAULTS, "daskllm.rebuild-timeout": 2}), LLM(MODEL, tp=2, client=client) as llm:
+        # runs of 8 decode steps per message: the rank freezes inside a run, and the error must still
+        # come within the step timeout and name it
+        with dask.config.set({**FAULTS, "daskllm.rebuild-timeout": 2, "daskllm.decode-steps": 8}), \
+                LLM(MODEL, tp=2, client=client) as llm:
             requests = llm.submit(PROMPTS[:2], max_new_tokens=200, ignore_eos=True)
             _wait_started(requests)
             frozen = llm.replicas[0].workers[1]
