@@ -339,9 +339,9 @@ class Replica:
         sent_at, run = self._in_flight[0]
         try:
             return self._tokens(self._control_collect("step", time.monotonic() if sent_at is None else sent_at))
-        except RankCallError:                    # the ranks end a run at its first error: drop its later steps
-            self._in_flight[1:] = [entry for entry in self._in_flight[1:] if entry[1] is not run]
-            raise
+        except Exception:                        # the ranks end a run at its first error: drop its later
+            self._in_flight[1:] = [entry for entry in self._in_flight[1:] if entry[1] is not run]   # steps,
+            raise                                # as the engine does (a lost replica clears them all below)
         finally:
             self._in_flight.pop(0)
             if not self.alive:                   # lost: the later steps will never be answered
