@@ -10,7 +10,8 @@ Rows, each on its own fresh LocalCluster, one after the other:
   connection), and with those turned off (the nanny's malloc setting, actor calls);
 - tp=2 (2 workers x 1 thread), control connection and actor calls;
 - both with runs of 4 decode steps per message (daskllm.decode-steps=4; the default "auto"
-  runs as many as fit in 50 ms, so 1 at this model's ~40 ms steps).
+  runs as many as fit in 50 ms, so 1 at this model's ~40 ms steps);
+- tp=2 with its small all-reduces over TCP instead of shared memory (daskllm.shared-memory off).
 Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(1 token)) / K.
 Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
@@ -68,7 +69,7 @@ class InProcess:
 
 
 class Cluster:
-    def __init__(self, path, tp, threads, control, tuning, name, decode_steps="auto"):
+    def __init__(self, path, tp, threads, control, tuning, name, decode_steps="auto", shared_memory=True):
         import dask
         from distributed import Client, LocalCluster
 
@@ -78,7 +79,7 @@ class Cluster:
                                     dashboard_address=None, host="127.0.0.1")
         self.client = Client(self.cluster, direct_to_workers=True)
         with dask.config.set({"daskllm.control": control, "daskllm.rank-tuning": tuning,
-                              "daskllm.decode-steps": decode_steps}):
+                              "daskllm.decode-steps": decode_steps, "daskllm.shared-memory": shared_memory}):
             self.llm = LLM(str(path), tp=tp, client=self.client)
         self.engine = self.llm.router.engines[0]
         self.computes = []
@@ -212,6 +213,8 @@ def main(argv=None):
                (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, name="LLM tp=2")),
                (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, decode_steps=4,
                               name="LLM tp=2, runs of 4 steps")),
+               (Cluster, dict(tp=2, threads=1, control="direct", tuning=True, shared_memory=False,
+                              name="LLM tp=2, all-reduces over TCP")),
                (Cluster, dict(tp=2, threads=1, control="actor", tuning=True, name="LLM tp=2, actor calls"))]
     if args.skip_off:
         configs = [c for c in configs if c[1].get("control", "direct") == "direct"]

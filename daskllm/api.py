@@ -105,6 +105,7 @@ class LLM:
         # Per tensor, what `dtype` means for this checkpoint ("auto" on a quantized GGUF: int8), decided
         # once here: it sizes the weights and KV budget, aligns tp cuts and tells each rank what to load.
         self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin"),
+                        "shared_memory": bool(settings.get("shared-memory")),
                         "rank_tuning": settings.get("rank-tuning"), "dtype": dtype,
                         "dtypes": resolve_dtype(self.checkpoint, dtype)}
         self.ship_weights = bool(ship_weights)

@@ -93,6 +93,7 @@ class GroupCommunicator(Communicator):
         self.size = len(ranks)
         self.default_timeout = float(default_timeout)
         self.stats = CommStats()
+        self.shared = None           # comm.shared.SharedSlots where the group's ranks share a host
 
     def __repr__(self):
         return f"GroupCommunicator(rank={self.rank}, size={self.size}, tag={self.tag!r}, ranks={self.ranks})"
@@ -164,7 +165,9 @@ class GroupCommunicator(Communicator):
             return x
         x, dev = _to_host(x)
         op = self._begin("all_reduce", timeout)
-        if self.size > 2 and x.nbytes > RING_MIN_BYTES:
+        if self.shared is not None and self.shared.fits(x):
+            out = self._all_reduce_shared(op, x)
+        elif self.size > 2 and x.nbytes > RING_MIN_BYTES:
             out = self._all_reduce_split(op, x)
         else:
             received = self._exchange(op, [[x]] * self.size)
@@ -173,6 +176,23 @@ class GroupCommunicator(Communicator):
             out = _sum_in_rank_order(parts, self.rank)
         self._end(op)
         return _to_device(out, dev)
+
+    def _all_reduce_shared(self, op: _Op, x):
+        """all_reduce through the group's shared memory (comm.shared): no system call, no wake-up."""
+        me = self.transport.rank
+        try:
+            out = self.shared.all_reduce(x, op.deadline)
+        except CommTimeout as e:
+            peer = self.ranks[e.peer]
+            raise CommTimeout(f"rank {me} waited {op.timeout:.1f} s for rank {peer} in all_reduce "
+                              f"(tag {self.tag!r}, shared memory)", rank=me, peer=peer, tag=self.tag,
+                              op="all_reduce") from None
+        except PeerLost as e:
+            peer = self.ranks[e.peer]
+            raise PeerLost(f"rank {me} lost rank {peer} in all_reduce (tag {self.tag!r}, shared memory): {e}",
+                           rank=me, peer=peer, tag=self.tag, op="all_reduce") from None
+        op.sent = op.received = x.nbytes * (self.size - 1)          # as if sent: the statistics compare
+        return out
 
     def _all_reduce_split(self, op: _Op, x):
         """Rank j sums chunk j of everyone's flat x in rank order, then all gather the chunks."""

@@ -362,6 +362,19 @@ class TcpTransport(Transport):
         finally:
             self._release()
 
+    def peer_alive(self, peer: int) -> bool:
+        """False once the connection to `peer` is closed or broken: a look at its socket that reads
+        nothing (the raw socket's peek, also under TLS), for waits that do not go through recv."""
+        conn = self._conns.get(peer)
+        if conn is None or conn.error is not None or self._closed:
+            return False
+        try:
+            return socket.socket.recv(conn.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
     def _timed_out(self, peer, tag, timeout) -> CommTimeout:
         return CommTimeout(
             f"rank {self.rank} waited {timeout:.1f} s for rank {peer} (tag {tag!r})",

@@ -134,7 +134,18 @@ class RankActor:
         peers = {r: tuple(a) for r, a in addresses.items() if r != self.local_rank}
         self.transport.connect(peers, timeout)
         self.comms = axis_communicators(self.transport, self.replica_mesh, self.local_rank, self.comm_timeout)
+        if self.options.get("shared_memory"):
+            self._share_memory({int(r): a[0] for r, a in addresses.items()})
         return True
+
+    def _share_memory(self, hosts: dict):
+        """Small all-reduces of the groups whose ranks all listen on one host go through shared
+        memory (comm.shared); every rank of the replica decides alike, from the same addresses."""
+        from ..comm.shared import share_memory
+        for axis in ("tp", "sp", "ep"):
+            comm = self.comms[axis]
+            if comm.size > 1 and len({hosts[r] for r in comm.ranks}) == 1:
+                share_memory(comm, lambda j, comm=comm: self.transport.peer_alive(comm.ranks[j]))
 
     def load(self, path: str, shipped=None) -> dict:
         """Read this rank's slices of the checkpoint (or take `shipped` ones) and build its runner.
@@ -199,5 +210,8 @@ class RankActor:
             self.control.close()
         if self.transport is not None:
             self.transport.close()
+        for comm in self.comms.values():
+            if comm.shared is not None:
+                comm.shared.close()
         self.runner = None
         return True
