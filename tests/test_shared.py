@@ -77,6 +77,8 @@ def test_a_group_shares_a_segment_that_is_gone_from_dev_shm_once_mapped():
     before = set(glob.glob("/dev/shm/daskllm-*"))
     assert all(_together([lambda c=c: shared.share_memory(c, lambda j: True) for c in comms]))
     assert set(glob.glob("/dev/shm/daskllm-*")) == before
+    for c in comms:
+        c.stats.reset()                             # the set-up's own collectives
     xs = [np.full((2, 3), r + 1.5, np.float32) for r in range(2)]
     outs = _together([lambda r=r: comms[r].all_reduce(xs[r]) for r in range(2)])
     assert all(np.array_equal(o, xs[0] + xs[1]) for o in outs)
@@ -115,3 +117,24 @@ def test_a_peer_arriving_during_a_check_is_not_taken_for_lost():
 
     ranks[0].seqs = Arrives(ranks[0].seqs)
     assert np.array_equal(ranks[0].all_reduce(np.ones(4, np.float32), time.monotonic() + 5), np.full(4, 1.0))
+
+
+def test_a_rank_that_cannot_map_the_segment_keeps_the_whole_group_on_tcp(monkeypatch):
+    comms = thread_group(2)
+    real_map = shared._map
+    monkeypatch.setattr(shared, "_map", lambda path, size: None if threading.current_thread().name == "r1"
+                        else real_map(path, size))
+    before = set(glob.glob("/dev/shm/daskllm-*"))
+    results = [None, None]
+
+    def run(r):
+        results[r] = shared.share_memory(comms[r], lambda j: True)
+    threads = [threading.Thread(target=run, args=(r,), name=f"r{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [False, False] and all(c.shared is None for c in comms)
+    assert set(glob.glob("/dev/shm/daskllm-*")) == before
+    outs = _together([lambda r=r: comms[r].all_reduce(np.full(3, r + 1.0, np.float32)) for r in range(2)])
+    assert all(np.array_equal(o, np.full(3, 3.0)) for o in outs)

@@ -46,32 +46,60 @@ def supported() -> bool:
 def share_memory(comm, alive) -> bool:
     """Give GroupCommunicator `comm` (whose ranks all run on this host) a SharedSlots for its small
     all-reduces; every rank of the group calls this at the same point. alive(group rank) -> False
-    once that rank's process is gone. False (and nothing changed) where it does not apply."""
+    once that rank's process is gone. False (and nothing changed) where it does not apply, or
+    where any rank could not map the segment (a full or missing /dev/shm): the group agrees, over
+    TCP, and stays on TCP."""
     if comm.size == 1 or not supported():
         return False
     size = _LINE * comm.size + 2 * comm.size * SLOT_BYTES
-    if comm.rank == 0:
-        path = os.path.join(_DIR, f"daskllm-{os.getpid()}-{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        os.ftruncate(fd, size)
-        name = np.frombuffer(path.encode(), np.uint8)
-    else:
-        fd, name = None, np.zeros(0, np.uint8)
+    path, buffer = None, None
     try:
-        path = comm.broadcast(name, root=0).tobytes().decode()
-        if fd is None:
-            fd = os.open(path, os.O_RDWR)
-        buffer = mmap.mmap(fd, size)
-    finally:
-        if fd is not None:
-            os.close(fd)
-    try:
-        comm.barrier()                                   # every rank has it mapped
-    finally:
         if comm.rank == 0:
+            path = _create(size)
+        name = np.frombuffer(path.encode(), np.uint8) if path else np.zeros(0, np.uint8)
+        path = comm.broadcast(name, root=0).tobytes().decode()
+        buffer = _map(path, size) if path else None
+        mapped = np.array([buffer is not None], np.int64)
+        everyone = int(comm.all_reduce(mapped)[0]) == comm.size         # also: every rank has it mapped
+    finally:
+        if comm.rank == 0 and path:
             os.unlink(path)                              # nothing left behind, whatever happens next
+    if not everyone:
+        if buffer is not None:
+            buffer.close()
+        return False
     comm.shared = SharedSlots(buffer, comm.rank, comm.size, alive)
     return True
+
+
+def _create(size: int) -> str | None:
+    """A new segment file of `size` bytes, readable by this user only; None if none can be made."""
+    path = os.path.join(_DIR, f"daskllm-{os.getpid()}-{secrets.token_hex(8)}")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return None
+    os.close(fd)
+    return path
+
+
+def _map(path: str, size: int):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(fd, size)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 class SharedSlots:
