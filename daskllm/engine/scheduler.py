@@ -237,8 +237,10 @@ class ReplicaEngine:
     def _run_length(self, work, depth) -> int:
         """Decode steps to send in one message: more than 1 only while the batch is steady (every
         sequence decoding, nobody waiting to join), on a replica that can (control connections, pp=1),
-        and never past a request's max_new_tokens."""
-        if depth > 1 or not work or self._waiting or not getattr(self.replica, "sends_ahead", False):
+        and never past a request's max_new_tokens. Not while a call from another thread waits for
+        the ranks (stats, logits): a run holds them for all its steps, single steps let it in."""
+        if depth > 1 or not work or self._waiting or not getattr(self.replica, "sends_ahead", False) \
+                or getattr(self.replica, "others_waiting", False):
             return 1
         requests = [self._running[w.seq] for w in work]
         if not all(self._decoding(r) for r in requests):
