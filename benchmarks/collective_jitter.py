@@ -7,15 +7,31 @@ then a 4 KiB all-reduce over daskllm's TCP transport, 500 times; it prints the m
 mean time spent in the all-reduce and the time per iteration. With no compute between them
 the all-reduce shows the transport's own latency; with compute it also shows how late the
 other rank arrives (compute-time jitter between the two processes) and any wake-up cost.
---shared-memory runs the same loop over a bare shared-memory exchange instead (each rank
-writes its vector and a sequence number, then spins until the other's appears: no system
-call, no wake-up), to measure what a same-host transport would save; daskllm has none yet.
+--shared-memory runs the same loop over daskllm's shared-memory exchange instead
+(comm.shared, what ranks on one host use for small all-reduces: each rank writes its vector
+and a sequence number, then spins until the other's appears; no system call, no wake-up).
 """
 import argparse
 import multiprocessing as mp
 import time
 
 import numpy as np
+
+
+def time_all_reduce(all_reduce, r, results, matmuls):
+    """The measured loop, the same for both exchanges: 500 x (matmuls, then one 4 KiB all-reduce)."""
+    w = np.random.rand(1024, 704).astype(np.float32)
+    x, y = np.random.rand(1, 1024).astype(np.float32), np.random.rand(1, 1024).astype(np.float32)
+    for _ in range(50):
+        all_reduce(y)
+    waits, start = [], time.perf_counter()
+    for _ in range(500):
+        for _ in range(matmuls):
+            x @ w
+        t0 = time.perf_counter()
+        all_reduce(y)
+        waits.append(time.perf_counter() - t0)
+    results.put((r, matmuls, np.median(waits) * 1e6, np.mean(waits) * 1e6, (time.perf_counter() - start) / 500 * 1e6))
 
 
 def rank(r, addresses_out, addresses_in, results, matmuls, spin):
@@ -29,78 +45,39 @@ def rank(r, addresses_out, addresses_in, results, matmuls, spin):
     addresses = addresses_in.get()
     transport.connect({k: v for k, v in addresses.items() if k != r}, 10)
     comm = GroupCommunicator(transport, [0, 1], "tp")
-    w = np.random.rand(1024, 704).astype(np.float32)
-    x, y = np.random.rand(1, 1024).astype(np.float32), np.random.rand(1, 1024).astype(np.float32)
-    for _ in range(50):
-        comm.all_reduce(y)
-    waits, start = [], time.perf_counter()
-    for _ in range(500):
-        for _ in range(matmuls):
-            x @ w
-        t0 = time.perf_counter()
-        comm.all_reduce(y)
-        waits.append(time.perf_counter() - t0)
-    results.put((r, matmuls, np.median(waits) * 1e6, np.mean(waits) * 1e6, (time.perf_counter() - start) / 500 * 1e6))
+    time_all_reduce(comm.all_reduce, r, results, matmuls)
     transport.close()
 
 
-def shared_memory_rank(r, name, results, matmuls):
-    """rank() over a shared-memory exchange: two slots per rank (by call parity, so a rank never
-    overwrites a vector the other has not read) and one sequence number each (x86 keeps stores
-    in order, so the vector is there once the number is)."""
-    from multiprocessing import shared_memory
+def shared_memory_rank(r, path, size, results, matmuls):
+    """rank() over daskllm's shared-memory exchange (comm.shared.SharedSlots) on a segment the
+    parent made; no TCP link, so no liveness check."""
+    import mmap
 
     from threadpoolctl import threadpool_limits
+
+    from daskllm.comm.shared import SharedSlots
     threadpool_limits(1)
-    shm = shared_memory.SharedMemory(name=name)
-    seqs = np.ndarray((2,), np.int64, shm.buf[:16])
-    slots = np.ndarray((2, 2, 1024), np.float32, shm.buf[64:64 + 2 * 2 * 1024 * 4])
-    calls = 0
-
-    def all_reduce(y):
-        nonlocal calls
-        calls += 1
-        slots[r, calls % 2] = y
-        seqs[r] = calls
-        spins = 0
-        while seqs[1 - r] < calls:
-            spins += 1
-            if spins % 1000 == 0:
-                time.sleep(0)               # let this process's other threads have the GIL
-        return y + slots[1 - r, calls % 2]
-
-    w = np.random.rand(1024, 704).astype(np.float32)
-    x, y = np.random.rand(1, 1024).astype(np.float32), np.random.rand(1, 1024).astype(np.float32)
-    for _ in range(50):
-        all_reduce(y)
-    waits, start = [], time.perf_counter()
-    for _ in range(500):
-        for _ in range(matmuls):
-            x @ w
-        t0 = time.perf_counter()
-        all_reduce(y)
-        waits.append(time.perf_counter() - t0)
-    results.put((r, matmuls, np.median(waits) * 1e6, np.mean(waits) * 1e6, (time.perf_counter() - start) / 500 * 1e6))
-    del seqs, slots
-    shm.close()
+    with open(path, "r+b") as f:
+        slots = SharedSlots(mmap.mmap(f.fileno(), size), r, 2, alive=lambda j: True)
+    time_all_reduce(lambda y: slots.all_reduce(y, time.monotonic() + 60), r, results, matmuls)
 
 
 def run_shared_memory(matmuls) -> list:
-    from multiprocessing import shared_memory
-    shm = shared_memory.SharedMemory(create=True, size=64 + 2 * 2 * 1024 * 4)
-    try:
-        np.ndarray((2,), np.int64, shm.buf[:16])[:] = 0
+    import tempfile
+
+    from daskllm.comm import shared
+    size = shared.segment_bytes(2)
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="daskllm-bench-") as f:
+        f.truncate(size)
         results = mp.Queue()
-        procs = [mp.Process(target=shared_memory_rank, args=(r, shm.name, results, matmuls)) for r in range(2)]
+        procs = [mp.Process(target=shared_memory_rank, args=(r, f.name, size, results, matmuls)) for r in range(2)]
         for p in procs:
             p.start()
         rows = sorted(results.get(timeout=120) for _ in range(2))
         for p in procs:
             p.join(timeout=30)
         return rows
-    finally:
-        shm.close()
-        shm.unlink()
 
 
 def main():

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not shared.supported(), reason="shared memory al
 
 
 def _slots(size, alive=lambda j: True):
-    buffer = mmap.mmap(-1, 64 * size + 2 * size * shared.SLOT_BYTES)
+    buffer = mmap.mmap(-1, shared.segment_bytes(size))
     return [shared.SharedSlots(buffer, r, size, alive) for r in range(size)]
 
 

@@ -43,6 +43,11 @@ def supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(_DIR)
 
 
+def segment_bytes(ranks: int) -> int:
+    """The size of a group's segment: a sequence number's cache line and two slots per rank."""
+    return _LINE * ranks + 2 * ranks * SLOT_BYTES
+
+
 def share_memory(comm, alive) -> bool:
     """Give GroupCommunicator `comm` (whose ranks all run on this host) a SharedSlots for its small
     all-reduces; every rank of the group calls this at the same point. alive(group rank) -> False
@@ -51,7 +56,7 @@ def share_memory(comm, alive) -> bool:
     TCP, and stays on TCP."""
     if comm.size == 1 or not supported():
         return False
-    size = _LINE * comm.size + 2 * comm.size * SLOT_BYTES
+    size = segment_bytes(comm.size)
     path, buffer = None, None
     try:
         if comm.rank == 0:
