@@ -19,9 +19,12 @@ from daskllm.comm import (
     single_communicator,
     tls_contexts_from_security,
 )
+from daskllm.comm import shared
 from daskllm.comm.testing import OPS, assert_same, case, rank_array, rank_order_sum, run_ranks, tcp_world
 
-BACKENDS = ["threads", "tcp"]
+# "shared": TCP transports whose groups also map a shared-memory segment (comm.shared), as the
+# ranks of one host do
+BACKENDS = ["threads", "tcp"] + (["shared"] if shared.supported() else [])
 
 
 @pytest.fixture
@@ -30,7 +33,8 @@ def world(request):
     made = []
 
     def make(n, backend, **kw):
-        transports = tcp_world(n, **kw) if backend == "tcp" else _hub(n)
+        transports = (tcp_world(n, **kw) if backend == "tcp" else _SharedWorld(tcp_world(n, **kw))
+                      if backend == "shared" else _hub(n))
         made.extend(transports)
         return transports
 
@@ -44,9 +48,20 @@ def _hub(n):
     return [hub.transport(r) for r in range(n)]
 
 
+class _SharedWorld(list):
+    """TCP transports whose communicators _comms gives a shared segment."""
+
+
 def _comms(transports, ranks=None, tag="world", timeout=20.0):
     ranks = list(range(len(transports))) if ranks is None else ranks
-    return [GroupCommunicator(transports[r], ranks, tag, timeout) for r in ranks]
+    comms = [GroupCommunicator(transports[r], ranks, tag, timeout) for r in ranks]
+    if isinstance(transports, _SharedWorld) and len(ranks) > 1:
+        def share(i):
+            return shared.share_memory(comms[i], lambda j, c=comms[i]: c.transport.peer_alive(c.ranks[j]))
+        assert all(run_ranks(share, len(comms)))
+        for c in comms:
+            c.stats.reset()                                    # the set-up's own collectives
+    return comms
 
 
 def _check_all(comms, op, shape, dtype):
@@ -154,7 +169,7 @@ def test_lost_peer_raises_peer_lost_naming_it(world, backend):
 def test_silent_peer_raises_timeout_within_limit(world, backend):
     comms = _comms(world(2, backend))
     t0 = time.monotonic()
-    with pytest.raises(CommTimeout, match=r"rank 0 waited 0\.5 s for rank 1 in all_reduce \(tag 'world'\)"):
+    with pytest.raises(CommTimeout, match=r"rank 0 waited 0\.5 s for rank 1 in all_reduce \(tag 'world'(, shared memory)?\)"):
         comms[0].all_reduce(np.ones(4), timeout=0.5)
     assert time.monotonic() - t0 < 0.5 + 2.0
 

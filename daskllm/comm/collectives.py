@@ -44,8 +44,10 @@ def _nbytes(arrays) -> int:
 def _sum_in_rank_order(parts: list, mine: int) -> np.ndarray:
     """parts[0] + parts[1] + ... added left to right, into a received buffer (ours to overwrite);
     parts[mine] (the caller's) is left untouched. (a + b == b + a bit for bit, so rank 0 may
-    add into parts[1].)"""
+    add into parts[1].) A read-only part (a view into shared memory) is not overwritten either."""
     acc = parts[1] if mine == 0 else parts[0]
+    if not acc.flags.writeable:
+        acc = np.empty_like(parts[mine])
     np.add(parts[0], parts[1], out=acc)
     for p in parts[2:]:
         np.add(acc, p, out=acc)
@@ -148,6 +150,31 @@ class GroupCommunicator(Communicator):
             received[j] = self._recv(op, j)
         return received
 
+    def _through_shared(self, op: _Op, arrays: list):
+        """Every rank's list `arrays` through the group's shared memory (comm.shared; None entries
+        are read by nobody) -> [the list rank j published, for each j], entries of the others
+        read-only views valid until this rank's next collective. None where the group has no
+        shared memory, or where some rank's list did not fit: every rank then goes over TCP alike."""
+        if self.shared is None:
+            return None
+        me = self.transport.rank
+        try:
+            return self.shared.exchange(arrays, op.deadline)
+        except CommTimeout as e:
+            peer = self.ranks[e.peer]
+            raise CommTimeout(f"rank {me} waited {op.timeout:.1f} s for rank {peer} in {op.name} "
+                              f"(tag {self.tag!r}, shared memory)", rank=me, peer=peer, tag=self.tag,
+                              op=op.name) from None
+        except PeerLost as e:
+            peer = self.ranks[e.peer]
+            raise PeerLost(f"rank {me} lost rank {peer} in {op.name} (tag {self.tag!r}, shared memory): {e}",
+                           rank=me, peer=peer, tag=self.tag, op=op.name) from None
+
+    def _count(self, op: _Op, sent, received) -> None:
+        """Bytes a shared-memory collective moved, as the TCP path would have sent and received them."""
+        op.sent += _nbytes(a for a in sent if a is not None)
+        op.received += _nbytes(a for a in received if a is not None)
+
     def _check_same(self, op: _Op, x, parts) -> None:
         for j, p in enumerate(parts):
             if p.shape != x.shape or p.dtype != x.dtype:
@@ -165,8 +192,12 @@ class GroupCommunicator(Communicator):
             return x
         x, dev = _to_host(x)
         op = self._begin("all_reduce", timeout)
-        if self.shared is not None and self.shared.fits(x):
-            out = self._all_reduce_shared(op, x)
+        shared = self._through_shared(op, [x])
+        if shared is not None:
+            parts = [got[0] for got in shared]
+            self._check_same(op, x, parts)
+            out = _sum_in_rank_order(parts, self.rank)
+            self._count(op, [x] * (self.size - 1), parts[:self.rank] + parts[self.rank + 1:])
         elif self.size > 2 and x.nbytes > RING_MIN_BYTES:
             out = self._all_reduce_split(op, x)
         else:
@@ -176,23 +207,6 @@ class GroupCommunicator(Communicator):
             out = _sum_in_rank_order(parts, self.rank)
         self._end(op)
         return _to_device(out, dev)
-
-    def _all_reduce_shared(self, op: _Op, x):
-        """all_reduce through the group's shared memory (comm.shared): no system call, no wake-up."""
-        me = self.transport.rank
-        try:
-            out = self.shared.all_reduce(x, op.deadline)
-        except CommTimeout as e:
-            peer = self.ranks[e.peer]
-            raise CommTimeout(f"rank {me} waited {op.timeout:.1f} s for rank {peer} in all_reduce "
-                              f"(tag {self.tag!r}, shared memory)", rank=me, peer=peer, tag=self.tag,
-                              op="all_reduce") from None
-        except PeerLost as e:
-            peer = self.ranks[e.peer]
-            raise PeerLost(f"rank {me} lost rank {peer} in all_reduce (tag {self.tag!r}, shared memory): {e}",
-                           rank=me, peer=peer, tag=self.tag, op="all_reduce") from None
-        op.sent = op.received = x.nbytes * (self.size - 1)          # as if sent: the statistics compare
-        return out
 
     def _all_reduce_split(self, op: _Op, x):
         """Rank j sums chunk j of everyone's flat x in rank order, then all gather the chunks."""
@@ -212,11 +226,32 @@ class GroupCommunicator(Communicator):
             return x
         x, dev = _to_host(x)
         op = self._begin("all_gather", timeout)
-        received = self._exchange(op, [[x]] * self.size)
-        parts = [x if j == self.rank else received[j][0] for j in range(self.size)]
+        parts = self._gather(op, x)
         out = np.concatenate(parts, axis=dim)
         self._end(op)
         return _to_device(out, dev)
+
+    def _gather(self, op: _Op, x) -> list:
+        """[x of rank 0, ..., x of rank size-1]; the others' may be views into shared memory."""
+        shared = self._through_shared(op, [x])
+        if shared is None:
+            received = self._exchange(op, [[x]] * self.size)
+            return [x if j == self.rank else received[j][0] for j in range(self.size)]
+        parts = [got[0] for got in shared]
+        self._count(op, [x] * (self.size - 1), parts[:self.rank] + parts[self.rank + 1:])
+        return parts
+
+    def _scatter(self, op: _Op, chunks: list) -> list:
+        """chunks[j] to rank j -> [what rank j sent here, for each j], chunks[rank] itself at rank;
+        the others' may be views into shared memory."""
+        mine = [None if j == self.rank else c for j, c in enumerate(chunks)]
+        shared = self._through_shared(op, mine)
+        if shared is None:
+            received = self._exchange(op, [[c] for c in chunks])
+            return [chunks[j] if j == self.rank else received[j][0] for j in range(self.size)]
+        parts = [chunks[j] if j == self.rank else got[self.rank] for j, got in enumerate(shared)]
+        self._count(op, mine, parts[:self.rank] + parts[self.rank + 1:])
+        return parts
 
     def all_gather_list(self, x, *, timeout=None) -> list:
         """x (any shape, dtype) -> [x of rank 0, ..., x of rank size-1]."""
@@ -224,8 +259,7 @@ class GroupCommunicator(Communicator):
             return [x]
         x, dev = _to_host(x)
         op = self._begin("all_gather_list", timeout)
-        received = self._exchange(op, [[x]] * self.size)
-        out = [x if j == self.rank else received[j][0] for j in range(self.size)]
+        out = [p if j == self.rank else np.array(p) for j, p in enumerate(self._gather(op, x))]
         self._end(op)
         return _to_device(out, dev)
 
@@ -235,10 +269,9 @@ class GroupCommunicator(Communicator):
             return x
         x, dev = _to_host(x)
         op = self._begin("reduce_scatter", timeout)
-        chunks = np.array_split(x, self.size, axis=dim)
-        received = self._exchange(op, [[np.ascontiguousarray(c)] for c in chunks])
+        chunks = [np.ascontiguousarray(c) for c in np.array_split(x, self.size, axis=dim)]
         mine = chunks[self.rank]
-        parts = [mine if j == self.rank else received[j][0] for j in range(self.size)]
+        parts = self._scatter(op, chunks)
         self._check_same(op, mine, parts)
         out = _sum_in_rank_order(parts, self.rank)
         self._end(op)
@@ -253,8 +286,8 @@ class GroupCommunicator(Communicator):
         host = [_to_host(c) for c in chunks]
         dev = any(d for _, d in host)
         op = self._begin("all_to_all", timeout)
-        received = self._exchange(op, [[c] for c, _ in host])
-        out = [host[j][0] if j == self.rank else received[j][0] for j in range(self.size)]
+        parts = self._scatter(op, [c for c, _ in host])
+        out = [p if j == self.rank else np.array(p) for j, p in enumerate(parts)]
         self._end(op)
         return _to_device(out, dev)
 

@@ -1,18 +1,24 @@
-"""Small all-reduces through shared memory, for the ranks of a group that share one host.
+"""Small collectives through shared memory, for the ranks of a group that share one host.
 
-A tp=2 decode step makes two all-reduces per layer of a few KiB each. Over loopback TCP each
-costs two or three system calls and a wake-up of the waiting rank: 150-170 us on this
-project's 2-core VM, against 8-43 us for the same exchange through shared memory with the
-waiting rank spinning (`benchmarks/collective_jitter.py --shared-memory`).
+A tp=2 decode step makes two all-reduces per layer of a few KiB each, an ep=2 step two
+all-to-alls and an all-gather per MoE layer. Over loopback TCP each costs two or three system
+calls and a wake-up of the waiting rank: 150-170 us on this project's 2-core VM, against 8-43 us
+for the same exchange through shared memory with the waiting rank spinning
+(`benchmarks/collective_jitter.py --shared-memory`).
 
 Layout of one segment per group (a file in /dev/shm, mapped by every rank, unlinked as soon as
 all have mapped it): a sequence number per rank, each on its own cache line, then two slots per
-rank of SLOT_BYTES each. For its k-th call a rank writes its array into its slot k % 2, then its
-sequence number k; once every rank's number is at least k, each reads the others' slots k % 2
-and adds all in rank order, as the TCP path does (same bits on every rank). A rank can only be
-one call ahead of the slowest, so slot k % 2 is never written while another rank still reads it.
-x86-64 only: its stores become visible in program order (the array before its number), which
-these plain NumPy stores rely on; elsewhere the TCP path serves.
+rank of SLOT_BYTES each. all_reduce, all_gather(_list), all_to_all and reduce_scatter are each
+one exchange (broadcast, barrier and point to point stay on TCP): for its k-th call a rank writes a
+message into its slot k % 2 (a header giving the number, dtypes and shapes of its arrays, then
+their bytes), then its sequence number k; once every rank's number is at least k, each reads
+from the others' slots k % 2 what it needs (all_gather: everything; all_to_all: the array
+addressed to it) and combines in rank order, as the TCP path does (same bits on every rank).
+A rank can only be one call ahead of the slowest, so slot k % 2 is never written while another
+rank still reads it. A rank whose message does not fit says so in its header instead; seeing
+that, every rank does this call over TCP. x86-64 only: its stores become visible in program
+order (the message before its number), which these plain NumPy stores rely on; elsewhere the
+TCP path serves.
 
 Every wait has the collective's timeout, and a peer whose process is gone is noticed within
 milliseconds through its TCP connection (which stays for everything else). The waiting rank
@@ -27,16 +33,25 @@ import platform
 import secrets
 import time
 
+import ml_dtypes
 import numpy as np
 
 from .base import CommTimeout, PeerLost
 
-SLOT_BYTES = 256 << 10       # a decode step's activations: up to 64 rows of a 1024-wide model
+_HEADER_BYTES = 512          # at the start of each slot: what it holds (see SharedSlots._write)
+SLOT_BYTES = _HEADER_BYTES + (256 << 10)   # a decode step's activations: 64 rows of a 1024-wide model
 _LINE = 64                   # bytes per sequence number: one cache line each
 _DIR = "/dev/shm"
 _SPINS_PER_CHECK = 200       # spins between looks at the clock, the GIL and the peers' connections
 SPIN_SECONDS = 0.002         # then naps of _NAP: a tp step's ranks meet every ~1-2 ms, well within it
 _NAP = 50e-6
+_TOO_BIG = -1                # a header's first word where the message did not fit
+_MAX_NDIM = 4
+_WORDS_PER_ARRAY = 2 + _MAX_NDIM
+_DTYPES = [None] + [np.dtype(t) for t in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int64,
+                                          np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32,
+                                          np.uint64, np.bool_)]
+_CODES = {t: code for code, t in enumerate(_DTYPES) if t is not None}
 
 
 def supported() -> bool:
@@ -50,7 +65,7 @@ def segment_bytes(ranks: int) -> int:
 
 def share_memory(comm, alive) -> bool:
     """Give GroupCommunicator `comm` (whose ranks all run on this host) a SharedSlots for its small
-    all-reduces; every rank of the group calls this at the same point. alive(group rank) -> False
+    collectives; every rank of the group calls this at the same point. alive(group rank) -> False
     once that rank's process is gone. False (and nothing changed) where it does not apply, or
     where any rank could not map the segment (a full or missing /dev/shm): the group agrees, over
     TCP, and stays on TCP."""
@@ -114,25 +129,66 @@ class SharedSlots:
         self.buffer, self.rank, self.size, self.alive = buffer, rank, size, alive
         self.seqs = np.ndarray((size, _LINE // 8), np.int64, buffer)[:, 0]           # (size,)
         self.slots = np.ndarray((size, 2, SLOT_BYTES), np.uint8, buffer, offset=_LINE * size)
+        self.headers = self.slots[:, :, :_HEADER_BYTES].view(np.int64)               # (size, 2, words)
         self.calls = 0
 
-    def fits(self, x) -> bool:
-        return x.nbytes <= SLOT_BYTES
-
-    def all_reduce(self, x, deadline: float):
-        """Sum of every rank's x (same shape and dtype), added in rank order. Raises CommTimeout or
-        PeerLost with `peer` the group rank waited for."""
+    def exchange(self, arrays: list, deadline: float):
+        """Every rank of the group calls this with its own list of arrays (None: an entry nobody
+        reads). -> [list rank j published, for each j] (this rank's own list as given, the others'
+        entries as read-only views into the segment, valid until this rank's next call), or None
+        for every rank alike where some rank's list did not fit: the caller then goes over TCP.
+        Raises CommTimeout or PeerLost with `peer` the group rank waited for."""
         self.calls += 1
         parity = self.calls % 2
-        flat = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-        self.slots[self.rank, parity, :flat.size] = flat
-        self.seqs[self.rank] = self.calls                                             # after the array
+        self._write(arrays, parity)
+        self.seqs[self.rank] = self.calls                                             # after the message
         self._wait(deadline)
-        parts = [x if j == self.rank else
-                 self.slots[j, parity, :flat.size].view(x.dtype).reshape(x.shape) for j in range(self.size)]
-        out = np.add(parts[0], parts[1])                 # a new array: the slots are read by the others too
-        for p in parts[2:]:
-            np.add(out, p, out=out)
+        if (self.headers[:, parity, 0] == _TOO_BIG).any():
+            return None
+        return [arrays if j == self.rank else self._read(j, parity) for j in range(self.size)]
+
+    def _write(self, arrays: list, parity: int):
+        """arrays into this rank's slot `parity`: a header of int64 words (their number, then per
+        array its dtype's code, ndim and shape) and each array's bytes at a 64-byte boundary; the
+        header says _TOO_BIG instead where they do not fit."""
+        words, places, end = [len(arrays)], [], _HEADER_BYTES
+        for a in arrays:
+            if a is None:
+                words += [0] * _WORDS_PER_ARRAY
+                continue
+            code = _CODES.get(a.dtype)
+            if code is None or a.ndim > _MAX_NDIM:
+                end = SLOT_BYTES + 1
+                break
+            words += [code, a.ndim, *a.shape] + [0] * (_MAX_NDIM - a.ndim)
+            places.append((a, end))
+            end += -(-a.nbytes // _LINE) * _LINE
+        header = self.headers[self.rank, parity]
+        if end > SLOT_BYTES or len(words) > header.size:
+            header[0] = _TOO_BIG
+            return
+        slot = self.slots[self.rank, parity]
+        for a, at in places:
+            np.copyto(slot[at:at + a.nbytes].view(a.dtype).reshape(a.shape), a)
+        header[:len(words)] = words
+
+    def _read(self, j: int, parity: int) -> list:
+        """The arrays rank j wrote into its slot `parity`, as views."""
+        header = self.headers[j, parity]
+        count = int(header[0])
+        words = header[1:1 + count * _WORDS_PER_ARRAY].tolist()
+        slot, at, out = self.slots[j, parity], _HEADER_BYTES, []
+        for i in range(0, len(words), _WORDS_PER_ARRAY):
+            code, ndim = words[i], words[i + 1]
+            if code == 0:
+                out.append(None)
+                continue
+            dtype, shape = _DTYPES[code], tuple(words[i + 2:i + 2 + ndim])
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            view = slot[at:at + nbytes].view(dtype).reshape(shape)
+            view.flags.writeable = False
+            out.append(view)
+            at += -(-nbytes // _LINE) * _LINE
         return out
 
     def _wait(self, deadline: float):
