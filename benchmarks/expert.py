@@ -3,15 +3,20 @@
 Run: python benchmarks/expert.py   (about a minute on 2 cores)
 
 Writes a random Mixtral-style checkpoint (16 experts, top-2; the experts hold most of
-the parameters), then serves it twice through `daskllm.LLM`:
+the parameters), then serves it three ways through `daskllm.LLM`:
   single  one rank on a LocalCluster of 1 worker x 2 threads
   ep=2    two ranks on a LocalCluster of 2 workers x 1 thread
-Reported, per MoE layer and token (all_to_all = dispatch + combine, summed over ranks):
-  measured   bytes the ep ranks sent in all_to_all, and in the final all_gather (ep alone)
-  minimum    hidden x 4 bytes x 2 (there and back) x remote destination ranks per token,
-             for uniform routing (analytic) and for the routing this model really made
+  ep=2 over TCP   the same with daskllm.shared-memory off: every collective over loopback TCP
+Reported, per MoE layer and token, summed over ranks:
+  measured   bytes the ep ranks sent (ep alone: one all_reduce of the ranks' expert sums)
+  analytic   that all_reduce: ep x (ep - 1) x hidden x 4 bytes (each rank sends its N x D sums
+             to every other); beside it, what token routing (dispatch, combine, gather: the
+             design ep keeps with tp or sp) would need at least: hidden x 4 bytes x 2 (there and
+             back) x remote destination ranks per token, for the routing this model really
+             made, plus (ep - 1) x hidden x 4 to gather the shares
   imbalance  (token, expert) pairs of the busiest ep rank / the mean over ranks
-Times are medians over --repeats runs: prefill of --batch prompts of --prompt-len tokens
+The three configurations run --rounds times, in turn. Times are medians over --repeats runs
+within a round, then over the rounds; the decode ratio is given per round: prefill of --batch prompts of --prompt-len tokens
 (one generated token) and seconds per decode step of the batch.
 """
 
@@ -20,7 +25,6 @@ import json
 import statistics
 import tempfile
 import time
-from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -91,14 +95,6 @@ def routed_minimum(path, prompts, ep):
     return float(np.mean(remote))
 
 
-def uniform_remote_ranks(experts, top_k, ep):
-    """Expected remote ranks hosting at least one of top_k distinct experts drawn uniformly."""
-    sizes = [experts // ep + (1 if p < experts % ep else 0) for p in range(ep)]
-    # averaged over the home rank: each other rank p is hit unless all top_k miss its sizes[p] experts
-    return float(np.mean([sum(1 - comb(experts - sizes[p], top_k) / comb(experts, top_k)
-                              for p in range(ep) if p != h) for h in range(ep)]))
-
-
 def measure(llm, prompts, new_tokens, repeats):
     """(prefill seconds, decode seconds per step, tokens, rank compute and control path per
     decode step) medians over repeats."""
@@ -120,11 +116,12 @@ def measure(llm, prompts, new_tokens, repeats):
             statistics.median(compute), statistics.median(control))
 
 
-def serve(path, n_workers, threads, ep, prompts, args):
+def serve(path, n_workers, threads, ep, prompts, args, shared_memory=True):
+    import dask
     from distributed import Client, LocalCluster
 
     from daskllm import LLM
-    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+    with dask.config.set({"daskllm.shared-memory": shared_memory}), LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
                       dashboard_address=None, host="127.0.0.1") as cluster, \
             Client(cluster, direct_to_workers=True) as client, LLM(path, ep=ep, client=client) as llm:
         llm.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)            # warm up
@@ -136,8 +133,16 @@ def serve(path, n_workers, threads, ep, prompts, args):
             "compute": compute, "control": control}
 
 
-def sent(comm, op):
-    return sum(c.get("ep", {}).get(op, {}).get("bytes_sent", 0) for c in comm)
+def rounds_median(runs):
+    """The first round's tokens and counters, each time's median over the rounds."""
+    out = dict(runs[0])
+    for key in ("prefill", "decode", "compute", "control"):
+        out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def sent(comm):
+    return sum(op["bytes_sent"] for c in comm for op in c.get("ep", {}).values() if isinstance(op, dict))
 
 
 def main(argv=None):
@@ -152,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs, in turn")
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -162,8 +168,13 @@ def main(argv=None):
                                     args.experts, args.top_k, args.expert_width, args.vocab))
         rng = np.random.default_rng(1)
         prompts = [rng.integers(3, args.vocab, args.prompt_len).tolist() for _ in range(args.batch)]
-        single = serve(path, 1, 2, 1, prompts, args)
-        split = serve(path, 2, 1, ep, prompts, args)
+        runs = {"single": [], "split": [], "tcp": []}
+        for _ in range(args.rounds):                     # in turn, so the host's drift hits all alike
+            runs["single"].append(serve(path, 1, 2, 1, prompts, args))
+            runs["split"].append(serve(path, 2, 1, ep, prompts, args))
+            runs["tcp"].append(serve(path, 2, 1, ep, prompts, args, shared_memory=False))
+        single, split, tcp = (rounds_median(runs[k]) for k in ("single", "split", "tcp"))
+        ratios = {k: [r["decode"] / s["decode"] for r, s in zip(runs[k], runs["single"])] for k in ("split", "tcp")}
         measured_min = routed_minimum(path, prompts, ep)
 
     n = args.batch * args.prompt_len * args.layers                   # token x MoE layer of the counted forward
@@ -172,26 +183,28 @@ def main(argv=None):
     per_rank = np.array([load_per_rank(c, ep) for c in counts])      # (L, P)
     imbalance = float((per_rank.max(axis=1) / per_rank.mean(axis=1)).mean())
     expert_share = args.experts * 3 * args.expert_width / (args.experts * 3 * args.expert_width + 4 * args.hidden)
+    def each(fmt, key, scale=1):
+        return tuple(fmt.format(r[key] * scale) for r in (single, split, tcp))
     rows = [
-        ("all_to_all bytes / token / MoE layer", "-", f"{sent(split['comm'], 'all_to_all') / n:.0f}"),
-        ("  minimum, uniform routing", "-", f"{d4 * 2 * uniform_remote_ranks(args.experts, args.top_k, ep):.0f}"),
-        ("  minimum, this model's routing", "-", f"{d4 * 2 * measured_min:.0f}"),
-        ("all_gather bytes / token / MoE layer", "-", f"{sent(split['comm'], 'all_gather') / n:.0f}"),
-        ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}"),
-        ("prefill s (batch)", f"{single['prefill']:.3f}", f"{split['prefill']:.3f}"),
-        ("decode s / step", f"{single['decode'] * 1e3:.1f} ms", f"{split['decode'] * 1e3:.1f} ms"),
-        ("  slowest rank's compute / step", f"{single['compute'] * 1e3:.1f} ms", f"{split['compute'] * 1e3:.1f} ms"),
-        ("  control path / step", f"{single['control'] * 1e3:.2f} ms", f"{split['control'] * 1e3:.2f} ms"),
-        ("greedy tokens equal", "-", str(single["tokens"] == split["tokens"])),
+        ("ep bytes sent / token / MoE layer", "-", f"{sent(split['comm']) / n:.0f}", f"{sent(tcp['comm']) / n:.0f}"),
+        ("  analytic: all_reduce of the sums", "-", f"{ep * (ep - 1) * d4}", "-"),
+        ("  token routing's minimum, this routing", "-", f"{d4 * 2 * measured_min + (ep - 1) * d4:.0f}", "-"),
+        ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}", "-"),
+        ("prefill s (batch)", *each("{:.3f}", "prefill")),
+        ("decode s / step", *each("{:.1f} ms", "decode", 1e3)),
+        ("  slowest rank's compute / step", *each("{:.1f} ms", "compute", 1e3)),
+        ("  control path / step", *each("{:.2f} ms", "control", 1e3)),
+        ("decode vs single, each round", "1.00x", *(" ".join(f"{x:.2f}" for x in ratios[k]) for k in ("split", "tcp"))),
+        ("greedy tokens equal", "-", str(single["tokens"] == split["tokens"]), str(single["tokens"] == tcp["tokens"])),
     ]
     print(f"random MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "
           f"expert width {args.expert_width} (experts ~{expert_share:.0%} of a layer's weights); "
           f"batch {args.batch} x {args.prompt_len} tokens")
-    head = f"{'metric':<40} | {'single (1w x 2t)':>16} | {'ep=2 (2w x 1t)':>16}"
+    head = f"{'metric':<40} | {'single (1w x 2t)':>16} | {'ep=2 (2w x 1t)':>16} | {'ep=2 over TCP':>16}"
     print(head)
     print("-" * len(head))
-    for name, a, b in rows:
-        print(f"{name:<40} | {a:>16} | {b:>16}")
+    for name, *cells in rows:
+        print(f"{name:<40} | " + " | ".join(f"{c:>16}" for c in cells))
 
 
 if __name__ == "__main__":

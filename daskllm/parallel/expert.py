@@ -11,9 +11,18 @@ Layout (split of the expert weights, "experts -> owner"):
 
 The routed MLP, for token x with chosen experts a and router weights w_a:
   y(x) = sum_a w_a * expert_a(x) = sum_p sum_{a on p} w_a * expert_a(x)
-Each rank of the group computes y for a share of the tokens:
+
+ep alone (tp = sp = 1): the dense parts are replicated, so every rank of the group already holds
+all N tokens and routes them alike (same inputs, same bits). No token needs to travel: each rank
+runs its own experts on the tokens that chose them, and one all_reduce adds the ranks' partial
+sums in rank order (partials -> all), as vLLM does for experts spread over tensor-parallel ranks.
+That is one collective per MoE layer instead of three (dispatch, combine, gather): a decode
+step pays per call far more than per byte. Bytes: each rank sends N x D; token routing sends
+about 0.77 N x D there and back plus N/2 x D gathered at ep = 2, top-2 of 16 experts.
+
+Otherwise (tp > 1 or sp > 1) each rank of the group computes y for a share of the tokens:
   1. share     the tokens this rank holds are also held by the other ranks of its token
-               set (its tp group; the whole ep group when ep is the only axis); rank i of
+               set (its tp group); rank i of
                the set takes the i-th contiguous share (all -> sharded)
   2. dispatch  each token of the share goes ONCE to every rank owning one of its experts,
                as one row [x (D) | ids (A) | weights (A)], ids of experts held elsewhere -1
@@ -22,8 +31,7 @@ Each rank of the group computes y for a share of the tokens:
                source at once, and sums the weighted outputs per row (one row per token)
   4. combine   the per-row sums go back to the token's rank (all_to_all, owner -> sharded)
                and are added there in rank order
-  5. finish    ep alone: all_gather the shares, so every rank has (N, D) (sharded -> all);
-               tp > 1: the share's rows are written into zeros (N, D) and the tensor
+  5. finish    tp > 1: the share's rows are written into zeros (N, D) and the tensor
                strategy's `mlp_out` all_reduce over tp adds the shares, so each token's
                routed output is counted exactly once (sharded -> partial sums);
                tp = 1 with sp > 1: every rank holds distinct tokens, the share is all of them.
@@ -157,17 +165,20 @@ def moe_exchange(x, ids, weights, experts, run_expert, *, comm, owner, share, n_
     return finish(mine, lo, hi, n_tokens)
 
 
+def partial_sums(comm):
+    """The `experts` seam of ep alone: this rank's experts on every token that chose them, summed
+    over the group's ranks (see the module docstring). x (N, D), ids and weights (N, A) -> (N, D)."""
+    def experts(x, ids, weights, held, run_expert):
+        return comm.all_reduce(combine_local(x, ids, weights, held, run_expert))
+    return experts
+
+
 def seams(cfg, mesh, coords, comms, seams, options):
     """Replace the `experts` slot with the exchange over this rank's ep group."""
     owner = expert_owners(cfg.moe.n_experts, mesh.ep)
     if mesh.tp * mesh.sp == 1:
-        # ep alone: dense parts replicated over the group, every rank holds all N tokens.
-        share, n_shares = coords["ep"], mesh.ep
-        gather = comms["ep"]
-
-        def finish(mine, lo, hi, n):
-            return gather.all_gather(mine, dim=0)                       # (N, D)
-    elif mesh.tp > 1:
+        return seams.with_(experts=partial_sums(comms["ep"]))
+    if mesh.tp > 1:
         # tp ranks hold the same tokens; mlp_out's all_reduce over tp adds the shares.
         share, n_shares = coords["tp"], mesh.tp
 
