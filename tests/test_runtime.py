@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import time
 
 import dask
@@ -222,3 +224,16 @@ def test_workers_that_cannot_read_the_checkpoint_are_named(client, tmp_path):
     workers = list(client.scheduler_info()["workers"])
     with pytest.raises(PlacementError, match=r"these workers cannot read the checkpoint .*: tcp://.*ship_weights=True"):
         check_checkpoint_on_workers(client, workers, str(tmp_path / "not_there"))
+
+
+def test_settings_keep_their_defaults_after_a_config_context_that_imported_daskllm():
+    """dask.config.set's context, left, drops the keys added while it ran, daskllm's defaults among
+    them when daskllm was first imported inside it; settings.get still answers with the default."""
+    code = ("import dask\n"
+            "with dask.config.set({'daskllm.decode-steps': 1}):\n"
+            "    from daskllm.runtime import settings\n"
+            "    assert settings.get('decode-steps') == 1\n"
+            "print(settings.get('comm-timeout'), settings.get('decode-steps'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["60.0", "auto"]

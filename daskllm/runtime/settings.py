@@ -32,8 +32,10 @@ dask.config.update_defaults(DEFAULTS)
 
 
 def get(name: str):
-    """A daskllm setting, e.g. get("step-timeout")."""
-    return dask.config.get(f"daskllm.{name}")
+    """A daskllm setting, e.g. get("step-timeout"). Its default where dask.config has lost it: a
+    `dask.config.set` context entered before daskllm was imported drops the defaults added
+    meanwhile when it exits."""
+    return dask.config.get(f"daskllm.{name}", default=DEFAULTS["daskllm"][name])
 
 
 def decode_steps():
