@@ -1,6 +1,6 @@
 """Expert parallelism on a random MoE: bytes moved per token against the minimum, time against one rank.
 
-Run: python benchmarks/expert.py   (about a minute on 2 cores)
+Run: python benchmarks/expert.py   (about a minute and a half on 2 cores)
 
 Writes a random Mixtral-style checkpoint (16 experts, top-2; the experts hold most of
 the parameters), then serves it three ways through `daskllm.LLM`:
@@ -155,9 +155,9 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4, help="prompts per step")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs, in turn")
+    parser.add_argument("--rounds", type=int, default=3, help="times each configuration runs, in turn")
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temporary folder)")
     args = parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from .base import CommError, CommStats, CommTimeout, Communicator, PeerLost, Transport
+from .shared import PIECE_BYTES
 
 # above this many bytes (and more than 2 ranks) all_reduce splits the sum over ranks
 RING_MIN_BYTES = 1 << 20
@@ -192,12 +193,9 @@ class GroupCommunicator(Communicator):
             return x
         x, dev = _to_host(x)
         op = self._begin("all_reduce", timeout)
-        shared = self._through_shared(op, [x])
-        if shared is not None:
-            parts = [got[0] for got in shared]
-            self._check_same(op, x, parts)
-            out = _sum_in_rank_order(parts, self.rank)
-            self._count(op, [x] * (self.size - 1), parts[:self.rank] + parts[self.rank + 1:])
+        out = self._all_reduce_shared(op, x) if self.shared is not None else None
+        if out is not None:
+            op.sent = op.received = x.nbytes * (self.size - 1)        # as the TCP path would count them
         elif self.size > 2 and x.nbytes > RING_MIN_BYTES:
             out = self._all_reduce_split(op, x)
         else:
@@ -207,6 +205,29 @@ class GroupCommunicator(Communicator):
             out = _sum_in_rank_order(parts, self.rank)
         self._end(op)
         return _to_device(out, dev)
+
+    def _all_reduce_shared(self, op: _Op, x):
+        """all_reduce through the group's shared memory, in pieces of up to PIECE_BYTES: the sum of
+        each piece in rank order, into a new array. None (nothing summed) where the group goes over
+        TCP. The first exchange also carries x's shape, so ranks whose arrays differ all stop there."""
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty_like(flat)
+        per = max(1, PIECE_BYTES // max(1, x.itemsize))
+        shape = np.array(x.shape, np.int64)
+        for lo in range(0, max(flat.size, 1), per):
+            piece = flat[lo:lo + per]
+            shared = self._through_shared(op, [piece, shape] if lo == 0 else [piece])
+            if shared is None:
+                return None
+            if lo == 0 and any(got[0].dtype != x.dtype or tuple(got[1].tolist()) != x.shape for got in shared):
+                self._check_same(op, x, [np.broadcast_to(np.zeros((), got[0].dtype), tuple(got[1].tolist()))
+                                         for got in shared])          # raises, naming the ranks
+            parts = [got[0] for got in shared]
+            acc = out[lo:lo + per]
+            np.add(parts[0], parts[1], out=acc)
+            for p in parts[2:]:
+                np.add(acc, p, out=acc)
+        return out.reshape(x.shape)
 
     def _all_reduce_split(self, op: _Op, x):
         """Rank j sums chunk j of everyone's flat x in rank order, then all gather the chunks."""

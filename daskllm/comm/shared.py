@@ -15,7 +15,9 @@ their bytes), then its sequence number k; once every rank's number is at least k
 from the others' slots k % 2 what it needs (all_gather: everything; all_to_all: the array
 addressed to it) and combines in rank order, as the TCP path does (same bits on every rank).
 A rank can only be one call ahead of the slowest, so slot k % 2 is never written while another
-rank still reads it. A rank whose message does not fit says so in its header instead; seeing
+rank still reads it. An all_reduce larger than a slot goes through in pieces, one exchange each
+(the sum is elementwise, so the bits are the same). A rank whose message does not fit (any
+other collective past a slot, a dtype without a code here) says so in its header instead; seeing
 that, every rank does this call over TCP. x86-64 only: its stores become visible in program
 order (the message before its number), which these plain NumPy stores rely on; elsewhere the
 TCP path serves.
@@ -27,11 +29,13 @@ then naps between looks, so a long wait does not hold a core that a busy machine
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
 import secrets
 import time
+from array import array
 
 import ml_dtypes
 import numpy as np
@@ -39,8 +43,11 @@ import numpy as np
 from .base import CommTimeout, PeerLost
 
 _HEADER_BYTES = 512          # at the start of each slot: what it holds (see SharedSlots._write)
-SLOT_BYTES = _HEADER_BYTES + (256 << 10)   # a decode step's activations: 64 rows of a 1024-wide model
 _LINE = 64                   # bytes per sequence number: one cache line each
+PIECE_BYTES = 1 << 20        # a decode step's activations fit many times; a 512-token prefill's 2 MiB
+                             # all-reduce goes through in 2 pieces (181 us against 405 in pieces of
+                             # 256 KiB and 1222 over TCP: collective_jitter.py --kib 2048)
+SLOT_BYTES = _HEADER_BYTES + PIECE_BYTES + _LINE      # a piece, and the shape of what it is part of
 _DIR = "/dev/shm"
 _SPINS_PER_CHECK = 200       # spins between looks at the clock, the GIL and the peers' connections
 SPIN_SECONDS = 0.002         # then naps of _NAP: a tp step's ranks meet every ~1-2 ms, well within it
@@ -100,7 +107,7 @@ def _create(size: int) -> str | None:
     except OSError:
         return None
     try:
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)    # the pages now: a full /dev/shm fails here, not as a SIGBUS mid-step
     except OSError:
         os.close(fd)
         os.unlink(path)
@@ -123,13 +130,18 @@ def _map(path: str, size: int):
 
 
 class SharedSlots:
-    """The shared segment of one group, seen from group rank `rank`."""
+    """The shared segment of one group, seen from group rank `rank`.
+
+    Sequence numbers and headers are read and written through an int64 memoryview, arrays as
+    NumPy views at their offsets: a decode step's exchange is a few microseconds of Python."""
 
     def __init__(self, buffer, rank: int, size: int, alive):
         self.buffer, self.rank, self.size, self.alive = buffer, rank, size, alive
-        self.seqs = np.ndarray((size, _LINE // 8), np.int64, buffer)[:, 0]           # (size,)
-        self.slots = np.ndarray((size, 2, SLOT_BYTES), np.uint8, buffer, offset=_LINE * size)
-        self.headers = self.slots[:, :, :_HEADER_BYTES].view(np.int64)               # (size, 2, words)
+        self.words = memoryview(buffer).cast("q")                    # the segment as int64 words
+        self.readonly = memoryview(buffer).toreadonly()              # the others' arrays are read-only views
+        self.others = [j for j in range(size) if j != rank]
+        self.seq_at = [j * _LINE // 8 for j in range(size)]           # word of each rank's sequence number
+        self.slot_at = [[_LINE * size + (2 * j + parity) * SLOT_BYTES for parity in (0, 1)] for j in range(size)]
         self.calls = 0
 
     def exchange(self, arrays: list, deadline: float):
@@ -141,9 +153,9 @@ class SharedSlots:
         self.calls += 1
         parity = self.calls % 2
         self._write(arrays, parity)
-        self.seqs[self.rank] = self.calls                                             # after the message
+        self.words[self.seq_at[self.rank]] = self.calls                              # after the message
         self._wait(deadline)
-        if (self.headers[:, parity, 0] == _TOO_BIG).any():
+        if any(self.words[self.slot_at[j][parity] // 8] == _TOO_BIG for j in range(self.size)):
             return None
         return [arrays if j == self.rank else self._read(j, parity) for j in range(self.size)]
 
@@ -151,6 +163,7 @@ class SharedSlots:
         """arrays into this rank's slot `parity`: a header of int64 words (their number, then per
         array its dtype's code, ndim and shape) and each array's bytes at a 64-byte boundary; the
         header says _TOO_BIG instead where they do not fit."""
+        slot = self.slot_at[self.rank][parity]
         words, places, end = [len(arrays)], [], _HEADER_BYTES
         for a in arrays:
             if a is None:
@@ -161,48 +174,47 @@ class SharedSlots:
                 end = SLOT_BYTES + 1
                 break
             words += [code, a.ndim, *a.shape] + [0] * (_MAX_NDIM - a.ndim)
-            places.append((a, end))
+            places.append((a, slot + end))
             end += -(-a.nbytes // _LINE) * _LINE
-        header = self.headers[self.rank, parity]
-        if end > SLOT_BYTES or len(words) > header.size:
-            header[0] = _TOO_BIG
+        if end > SLOT_BYTES or len(words) * 8 > _HEADER_BYTES:
+            self.words[slot // 8] = _TOO_BIG
             return
-        slot = self.slots[self.rank, parity]
         for a, at in places:
-            np.copyto(slot[at:at + a.nbytes].view(a.dtype).reshape(a.shape), a)
-        header[:len(words)] = words
+            np.copyto(np.frombuffer(self.buffer, a.dtype, a.size, at).reshape(a.shape), a)
+        self.words[slot // 8:slot // 8 + len(words)] = array("q", words)
 
     def _read(self, j: int, parity: int) -> list:
-        """The arrays rank j wrote into its slot `parity`, as views."""
-        header = self.headers[j, parity]
-        count = int(header[0])
-        words = header[1:1 + count * _WORDS_PER_ARRAY].tolist()
-        slot, at, out = self.slots[j, parity], _HEADER_BYTES, []
+        """The arrays rank j wrote into its slot `parity`, as read-only views."""
+        slot = self.slot_at[j][parity]
+        count = self.words[slot // 8]
+        words = self.words[slot // 8 + 1:slot // 8 + 1 + count * _WORDS_PER_ARRAY].tolist()
+        at, out = slot + _HEADER_BYTES, []
         for i in range(0, len(words), _WORDS_PER_ARRAY):
             code, ndim = words[i], words[i + 1]
             if code == 0:
                 out.append(None)
                 continue
             dtype, shape = _DTYPES[code], tuple(words[i + 2:i + 2 + ndim])
-            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            view = slot[at:at + nbytes].view(dtype).reshape(shape)
-            view.flags.writeable = False
-            out.append(view)
-            at += -(-nbytes // _LINE) * _LINE
+            count = math.prod(shape)
+            out.append(np.frombuffer(self.readonly, dtype, count, at).reshape(shape))
+            at += -(-count * dtype.itemsize // _LINE) * _LINE
         return out
+
+    def _late(self):
+        """The first other rank whose sequence number is behind this call, or None."""
+        for j in self.others:
+            if self.words[self.seq_at[j]] < self.calls:
+                return j
+        return None
 
     def _wait(self, deadline: float):
         """Spin while the others are about to arrive; past SPIN_SECONDS, nap between looks, so a
         rank that waits long (a slow peer, a busy machine) gives its core back."""
         spins, nap_from = 0, time.monotonic() + SPIN_SECONDS
-        while (self.seqs < self.calls).any():
+        while (late := self._late()) is not None:
             spins += 1
             if spins % _SPINS_PER_CHECK:
                 continue
-            behind = np.flatnonzero(self.seqs < self.calls)      # read again: they may all be here now
-            if behind.size == 0:
-                return
-            late = int(behind[0])
             now = time.monotonic()
             if now > deadline:
                 raise CommTimeout("timed out", peer=late)
@@ -212,6 +224,8 @@ class SharedSlots:
 
     def close(self):
         try:
+            self.words.release()
+            self.readonly.release()
             self.buffer.close()
         except (BufferError, ValueError):                # an array still views it: the OS frees it at exit
             pass

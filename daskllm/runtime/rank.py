@@ -139,7 +139,7 @@ class RankActor:
         return True
 
     def _share_memory(self, hosts: dict):
-        """Small all-reduces of the groups whose ranks all listen on one host go through shared
+        """The collectives of the groups whose ranks all listen on one host go through shared
         memory (comm.shared); every rank of the replica decides alike, from the same addresses."""
         from ..comm.shared import share_memory
         for axis in ("tp", "sp", "ep"):

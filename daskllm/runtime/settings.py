@@ -17,7 +17,7 @@ DEFAULTS = {
         "rebuild-timeout": 300.0,   # s: a lost replica is rebuilt on free workers until this long after
                                     #    the loss (0: no rebuild; its requests move to live replicas or fail)
         "comm-spin": 0.0,           # s: a rank waiting for a peer polls without sleeping this long first
-        "shared-memory": True,      # small all-reduces of ranks on one host go through shared memory (x86-64)
+        "shared-memory": True,      # collectives of ranks on one host go through shared memory (x86-64)
         "kv-cache-fraction": 0.5,   # of a worker's memory limit, after weights, for the KV cache
         "kv-cache-bytes": None,     # fixed KV cache budget per rank (overrides the fraction)
         "dashboard-interval": 1.0,  # s between the statistics an LLM publishes to the /daskllm page (0: off)
