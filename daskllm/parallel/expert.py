@@ -20,7 +20,12 @@ That is one collective per MoE layer instead of three (dispatch, combine, gather
 step pays per call far more than per byte. Bytes: each rank sends N x D; token routing sends
 about 0.77 N x D there and back plus N/2 x D gathered at ep = 2, top-2 of 16 experts.
 
-Otherwise (tp > 1 or sp > 1) each rank of the group computes y for a share of the tokens:
+ep == tp (any sp): the ep groups are the tp groups (see mesh.py). Their ranks hold the same
+tokens and route them alike, and the tensor strategy's `mlp_out` all_reduce over tp adds what
+each rank's MoE block returns (the tp-split shared expert is a partial sum already): each rank
+returns its own experts' sums and the experts need no collective of their own.
+
+Otherwise (tp > 1 or sp > 1, ep != tp) each rank of the group computes y for a share of the tokens:
   1. share     the tokens this rank holds are also held by the other ranks of its token
                set (its tp group); rank i of
                the set takes the i-th contiguous share (all -> sharded)
@@ -178,6 +183,8 @@ def seams(cfg, mesh, coords, comms, seams, options):
     owner = expert_owners(cfg.moe.n_experts, mesh.ep)
     if mesh.tp * mesh.sp == 1:
         return seams.with_(experts=partial_sums(comms["ep"]))
+    if mesh.ep == mesh.tp:
+        return seams.with_(experts=combine_local)                       # mlp_out's all_reduce adds them
     if mesh.tp > 1:
         # tp ranks hold the same tokens; mlp_out's all_reduce over tp adds the shares.
         share, n_shares = coords["tp"], mesh.tp
