@@ -3,10 +3,11 @@
 Run: python benchmarks/expert.py   (about a minute and a half on 2 cores)
 
 Writes a random Mixtral-style checkpoint (16 experts, top-2; the experts hold most of
-the parameters), then serves it three ways through `daskllm.LLM`:
+the parameters), then serves it four ways through `daskllm.LLM`:
   single  one rank on a LocalCluster of 1 worker x 2 threads
   ep=2    two ranks on a LocalCluster of 2 workers x 1 thread
   ep=2 over TCP   the same with daskllm.shared-memory off: every collective over loopback TCP
+  tp=2 ep=2       the same two workers, the dense parts split too (the ep groups are the tp groups)
 Reported, per MoE layer and token, summed over ranks:
   measured   bytes the ep ranks sent (ep alone: one all_reduce of the ranks' expert sums)
   analytic   that all_reduce: ep x (ep - 1) x hidden x 4 bytes (each rank sends its N x D sums
@@ -116,14 +117,14 @@ def measure(llm, prompts, new_tokens, repeats):
             statistics.median(compute), statistics.median(control))
 
 
-def serve(path, n_workers, threads, ep, prompts, args, shared_memory=True):
+def serve(path, n_workers, threads, ep, prompts, args, shared_memory=True, tp=1):
     import dask
     from distributed import Client, LocalCluster
 
     from daskllm import LLM
     with dask.config.set({"daskllm.shared-memory": shared_memory}), LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
                       dashboard_address=None, host="127.0.0.1") as cluster, \
-            Client(cluster, direct_to_workers=True) as client, LLM(path, ep=ep, client=client) as llm:
+            Client(cluster, direct_to_workers=True) as client, LLM(path, ep=ep, tp=tp, client=client) as llm:
         llm.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)            # warm up
         prefill, decode, tokens, compute, control = measure(llm, prompts, args.new_tokens, args.repeats)
         llm.reset_stats()
@@ -168,13 +169,14 @@ def main(argv=None):
                                     args.experts, args.top_k, args.expert_width, args.vocab))
         rng = np.random.default_rng(1)
         prompts = [rng.integers(3, args.vocab, args.prompt_len).tolist() for _ in range(args.batch)]
-        runs = {"single": [], "split": [], "tcp": []}
+        runs = {"single": [], "split": [], "tcp": [], "tp": []}
         for _ in range(args.rounds):                     # in turn, so the host's drift hits all alike
             runs["single"].append(serve(path, 1, 2, 1, prompts, args))
             runs["split"].append(serve(path, 2, 1, ep, prompts, args))
             runs["tcp"].append(serve(path, 2, 1, ep, prompts, args, shared_memory=False))
-        single, split, tcp = (rounds_median(runs[k]) for k in ("single", "split", "tcp"))
-        ratios = {k: [r["decode"] / s["decode"] for r, s in zip(runs[k], runs["single"])] for k in ("split", "tcp")}
+            runs["tp"].append(serve(path, 2, 1, ep, prompts, args, tp=ep))
+        single, split, tcp, tp = (rounds_median(runs[k]) for k in ("single", "split", "tcp", "tp"))
+        ratios = {k: [r["decode"] / s["decode"] for r, s in zip(runs[k], runs["single"])] for k in ("split", "tcp", "tp")}
         measured_min = routed_minimum(path, prompts, ep)
 
     n = args.batch * args.prompt_len * args.layers                   # token x MoE layer of the counted forward
@@ -184,27 +186,29 @@ def main(argv=None):
     imbalance = float((per_rank.max(axis=1) / per_rank.mean(axis=1)).mean())
     expert_share = args.experts * 3 * args.expert_width / (args.experts * 3 * args.expert_width + 4 * args.hidden)
     def each(fmt, key, scale=1):
-        return tuple(fmt.format(r[key] * scale) for r in (single, split, tcp))
+        return tuple(fmt.format(r[key] * scale) for r in (single, split, tcp, tp))
     rows = [
-        ("ep bytes sent / token / MoE layer", "-", f"{sent(split['comm']) / n:.0f}", f"{sent(tcp['comm']) / n:.0f}"),
-        ("  analytic: all_reduce of the sums", "-", f"{ep * (ep - 1) * d4}", "-"),
-        ("  token routing's minimum, this routing", "-", f"{d4 * 2 * measured_min + (ep - 1) * d4:.0f}", "-"),
-        ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}", "-"),
+        ("ep bytes sent / token / MoE layer", "-", f"{sent(split['comm']) / n:.0f}", f"{sent(tcp['comm']) / n:.0f}",
+         f"{sent(tp['comm']) / n:.0f}"),
+        ("  analytic: all_reduce of the sums", "-", f"{ep * (ep - 1) * d4}", "-", "0"),
+        ("  token routing's minimum, this routing", "-", f"{d4 * 2 * measured_min + (ep - 1) * d4:.0f}", "-", "-"),
+        ("load imbalance (max / mean rank)", "-", f"{imbalance:.2f}", "-", "-"),
         ("prefill s (batch)", *each("{:.3f}", "prefill")),
         ("decode s / step", *each("{:.1f} ms", "decode", 1e3)),
         ("  slowest rank's compute / step", *each("{:.1f} ms", "compute", 1e3)),
         ("  control path / step", *each("{:.2f} ms", "control", 1e3)),
-        ("decode vs single, each round", "1.00x", *(" ".join(f"{x:.2f}" for x in ratios[k]) for k in ("split", "tcp"))),
-        ("greedy tokens equal", "-", str(single["tokens"] == split["tokens"]), str(single["tokens"] == tcp["tokens"])),
+        ("decode vs single, each round", "1.00x", *(" ".join(f"{x:.2f}" for x in ratios[k]) for k in ("split", "tcp", "tp"))),
+        ("greedy tokens equal", "-", *(str(single["tokens"] == r["tokens"]) for r in (split, tcp, tp))),
     ]
     print(f"random MoE: hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-{args.top_k}, "
           f"expert width {args.expert_width} (experts ~{expert_share:.0%} of a layer's weights); "
           f"batch {args.batch} x {args.prompt_len} tokens")
-    head = f"{'metric':<40} | {'single (1w x 2t)':>16} | {'ep=2 (2w x 1t)':>16} | {'ep=2 over TCP':>16}"
+    head = (f"{'metric':<40} | {'single (1w x 2t)':>16} | {'ep=2 (2w x 1t)':>16} | {'ep=2 over TCP':>16} | "
+            f"{'tp=2 ep=2 (2w x 1t)':>19}")
     print(head)
     print("-" * len(head))
     for name, *cells in rows:
-        print(f"{name:<40} | " + " | ".join(f"{c:>16}" for c in cells))
+        print(f"{name:<40} | " + " | ".join(f"{c:>16}" for c in cells[:-1]) + f" | {cells[-1]:>19}")
 
 
 if __name__ == "__main__":
