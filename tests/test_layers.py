@@ -87,3 +87,31 @@ def test_blockwise_attention_equals_one_partial(window, keys):
     tiled = blockwise_attention(q, k, v, q_pos, k_pos, 0.3, window, block=8, key_block=16)
     np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tiled[1], whole[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, positions, one_call", [
+    (None, range(9), True),          # a local cache fed token by token: one compiled call
+    (100, range(9), True),           # every entry inside the window
+    (4, range(9), False),            # entries past the window: the masked path
+    (None, [0, 2, 4, 6], False),     # not positions first .. position (a shard): the masked path
+])
+def test_a_decode_step_attends_in_one_call_only_where_it_sees_every_entry(monkeypatch, window, positions, one_call):
+    from daskllm.model import seams
+    from daskllm.model.forward import Batch
+    rng = np.random.default_rng(3)
+    n_heads, n_kv, hd = 4, 2, 8
+    positions = list(positions)
+    new_pos = positions[-1] + (1 if one_call or window else 2)
+    cache = KVCache(1)
+    prior = rng.standard_normal((2, n_kv, len(positions), hd)).astype(np.float32)
+    cache.append(0, 7, prior[0], prior[1], np.array(positions))
+    q = rng.standard_normal((1, n_heads, hd)).astype(np.float32)
+    k, v = rng.standard_normal((2, 1, n_kv, hd)).astype(np.float32)
+    taken = []
+    real = seams._decode_in_one_call
+    monkeypatch.setattr(seams, "_decode_in_one_call", lambda *a: taken.append(real(*a)) or taken[-1])
+    got = seams.local_attend(0, q, k, v, Batch.build([(7, (1,), new_pos)]), cache, 0.3, window)
+    keys, values, key_pos = cache.view(0, 7)
+    want = blockwise_attention(q, keys, values, np.array([new_pos]), key_pos, 0.3, window)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert taken == [one_call]

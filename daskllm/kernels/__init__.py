@@ -19,6 +19,7 @@ On NumPy float32 arrays (`on_cpu`) the pieces around the matmuls run compiled to
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -141,6 +142,7 @@ def decode_sized(x) -> bool:
     return type(x) is np.ndarray and x.dtype == np.float32 and 0 < x.shape[0] <= DECODE_ROWS
 
 
+@functools.cache
 def _decode():
     from . import decode_cpu    # numba compiles (or loads its cache) on first use only
     return decode_cpu
@@ -172,15 +174,23 @@ def attend_all_keys(q, k, v, scale):
     q (T, H, hd), k and v (Hkv, n, hd): the KV cache's views, or any C-contiguous arrays.
     -> (out (T, H, hd), lse (T, H)), or None where this does not apply (the NumPy path runs).
     """
-    if not (decode_sized(q) and k.shape[1] > 0 and k.dtype == v.dtype == np.float32):
-        return None
     keys, values = _cache_buffer(k), _cache_buffer(v)
     if keys is None or values is None:
         return None
     out = np.empty(q.shape, np.float32)
     lse = np.empty(q.shape[:2], np.float32)
-    _decode().attend_stored(q, keys, values, k.shape[1], np.float32(scale), out, lse)
-    return out, lse
+    return (out, lse) if attend_cached(q, keys, values, k.shape[1], scale, out, lse) else None
+
+
+def attend_cached(q, keys, values, n, scale, out, lse=None) -> bool:
+    """attend_all_keys over the first n entries of the KV cache's own (Hkv, capacity, hd) buffers,
+    into out (T, H, hd) (and lse (T, H) if given); False, nothing written, where it does not apply."""
+    if not (decode_sized(q) and n > 0 and keys.dtype == values.dtype == np.float32
+            and keys.flags.c_contiguous and values.flags.c_contiguous and out.flags.c_contiguous):
+        return False
+    lse = np.empty(q.shape[:2], np.float32) if lse is None else lse
+    _decode().attend_stored(q, keys, values, n, np.float32(scale), out, lse)
+    return True
 
 
 def on_cpu(x) -> bool:
@@ -188,6 +198,7 @@ def on_cpu(x) -> bool:
     return type(x) is np.ndarray and x.dtype == np.float32
 
 
+@functools.cache
 def _softmax():
     from . import softmax_cpu   # numba compiles (or loads its cache) on first use only
     return softmax_cpu

@@ -69,6 +69,13 @@ class KVCache:
         seq.pos[layer][used:used + n_new] = pos
         seq.length[layer] = used + n_new
 
+    def buffers(self, layer, seq_id):
+        """(k buffer, v buffer, n, first position): the whole (Hkv, capacity, hd) arrays whose first
+        n columns `view` gives, for kernels that read them directly."""
+        seq = self._seqs[seq_id]
+        n = seq.length[layer]
+        return seq.k[layer], seq.v[layer], n, int(seq.pos[layer][0])
+
     def view(self, layer, seq_id):
         """(k, v, pos) stored so far: (Hkv, n, hd), (Hkv, n, hd), (n,)."""
         seq = self._seqs.get(seq_id)

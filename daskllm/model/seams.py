@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from .. import kernels
 from ..kernels import take_rows
 from .layers import array_module, blockwise_attention
 from .moe import combine_local
@@ -34,9 +35,24 @@ def local_attend(layer, q, k, v, batch, cache, scale, window):
     for seq_id, lo, hi in batch.segments():
         pos = xp.asarray(batch.positions[lo:hi])                                 # global positions, on the device
         cache.append(layer, seq_id, k[lo:hi].transpose(1, 0, 2), v[lo:hi].transpose(1, 0, 2), pos)
+        if hi - lo == 1 and _decode_in_one_call(q[lo:hi], cache, layer, seq_id, batch.positions[lo],
+                                                scale, window, out[lo:hi]):
+            continue
         keys, values, key_pos = cache.view(layer, seq_id)
         out[lo:hi] = blockwise_attention(q[lo:hi], keys, values, pos, key_pos, scale, window)[0]
     return out
+
+
+def _decode_in_one_call(q, cache, layer, seq_id, position, scale, window, out) -> bool:
+    """A decode step's token over every entry its sequence stored, in one compiled call (kernels.
+    attend_cached) where it applies: the entries are positions first .. position in order (a local
+    cache, fed token by token), all inside the window. Skipping the mask and tiles of
+    blockwise_attention saves ~60 us per layer after a step's large matmuls (0.7 ms a step at 12
+    layers, measured in a decode step of the 207M Llama). False: the caller takes that path."""
+    keys, values, n, first = cache.buffers(layer, seq_id)
+    if n != int(position) - first + 1 or (window is not None and int(position) - first >= window):
+        return False
+    return kernels.attend_cached(q, keys, values, n, scale, out)
 
 
 def local_last_hidden(hidden, batch, rows):
