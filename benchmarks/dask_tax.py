@@ -1,17 +1,17 @@
 """The Dask tax: a rank inside a Dask worker against the same runner in this process.
 
-Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~2 minutes quiet)
-     python benchmarks/dask_tax.py --layers 2  (a quick run)
+Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 10; ~4 minutes quiet)
+     python benchmarks/dask_tax.py --layers 2 --rounds 1  (a quick run)
      python benchmarks/dask_tax.py --micro     (the control path's parts alone, seconds)
 
-Rows, each on its own fresh LocalCluster, one after the other:
+Rows, each on its own fresh LocalCluster, one after the other, all of them --rounds times in turn:
 - in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
 - LLM at one rank (1 worker x 2 threads) as daskllm runs it now (rank tuning, control
   connection), and with those turned off (the nanny's malloc setting, actor calls);
 - tp=2 (2 workers x 1 thread), control connection and actor calls;
 - both with runs of 4 decode steps per message (daskllm.decode-steps=4; the default "auto"
   runs as many as fit in 50 ms, so 1 at this model's ~40 ms steps);
-- tp=2 with its small all-reduces over TCP instead of shared memory (daskllm.shared-memory off).
+- tp=2 with its all-reduces over TCP instead of shared memory (daskllm.shared-memory off).
 Prefill: a 512-token prompt and one sampled token. Decode: (t(1 + K tokens) - t(1 token)) / K.
 Rank compute: the slowest rank's time inside `runner.step` per decode step (per-rank stats).
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
@@ -111,6 +111,17 @@ class Cluster:
         self.cluster.close()
 
 
+def over_rounds(runs, bases) -> dict:
+    """One row from its rounds: each figure's median, each ratio to the in-process row the median of
+    the rounds' own ratios (rows measured minutes apart drift with the host; rows of a round less)."""
+    out = {k: (None if runs[0][k] is None else float(np.median([r[k] for r in runs])))
+           for k in runs[0] if k != "tokens"}
+    out["tokens"] = runs[0]["tokens"]
+    for key in ("prefill", "step"):
+        out[f"{key}_ratio"] = float(np.median([r[key] / b[key] for r, b in zip(runs, bases)]))
+    return out
+
+
 def measure(runner, short, longs, steps) -> dict:
     """Medians over the long prompts of the prefill, decode step, rank compute and control path."""
     runner.generate(short, 2)                                          # warm up
@@ -198,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times every row runs, the rows in turn (the host's drift then hits them alike)")
     parser.add_argument("--skip-off", action="store_true", help="leave out the rows with the fixes turned off")
     parser.add_argument("--micro", action="store_true", help="only the control path's parts, no model")
     args = parser.parse_args(argv)
@@ -227,16 +240,20 @@ def main(argv=None):
                               max_position=args.prefill + args.steps + 64)
         print(f"random Llama: {params / 1e6:.0f}M parameters, {args.layers} layers, hidden {args.hidden}, "
               f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}, float32")
-        rows = []
-        for cls, kw in configs:
-            runner = cls(tmp, **kw)
-            try:
-                rows.append((runner.name, measure(runner, short, longs, args.steps)))
-            finally:
-                runner.close()
-            m = rows[-1][1]
-            print(f"  measured {runner.name}: prefill {m['prefill'] * 1e3:.0f} ms, decode {m['step'] * 1e3:.2f} ms/token, "
-                  f"rank compute {m['compute'] * 1e3:.2f} ms", flush=True)
+        rounds = []                                          # rounds[r] = [(name, measures), ...]
+        for r in range(args.rounds):
+            rounds.append([])
+            for cls, kw in configs:
+                runner = cls(tmp, **kw)
+                try:
+                    rounds[-1].append((runner.name, measure(runner, short, longs, args.steps)))
+                finally:
+                    runner.close()
+                m = rounds[-1][-1][1]
+                print(f"  round {r + 1}, {runner.name}: prefill {m['prefill'] * 1e3:.0f} ms, decode "
+                      f"{m['step'] * 1e3:.2f} ms/token, rank compute {m['compute'] * 1e3:.2f} ms", flush=True)
+    rows = [(name, over_rounds([rnd[i][1] for rnd in rounds], [rnd[0][1] for rnd in rounds]))
+            for i, (name, _) in enumerate(rounds[0])]
 
     base = rows[0][1]
     for name, m in rows[1:]:
@@ -248,12 +265,19 @@ def main(argv=None):
     for name, m in rows:
         control = "" if m["control"] is None else f"{m['control'] * 1e3:.2f} ms"
         empty = "" if m["empty"] is None else f"{m['empty'] * 1e3:.2f} ms"
-        print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill'] / base['prefill']:12.2f}x | "
+        print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill_ratio']:12.2f}x | "
               f"{m['prefill_compute'] * 1e3:8.0f} ms | {m['step'] * 1e3:12.2f} | "
-              f"{m['step'] / base['step']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} |")
-    print(f"(medians of {args.repeats}; decode over {args.steps} steps; rank compute: the slowest rank's "
-          "runner.step per decode step; control path: loop turn minus it, median per step; empty step: "
-          "Replica.step with no work, median of 200)")
+              f"{m['step_ratio']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} |")
+    print(f"(medians of {args.repeats} prompts in a round, then of {args.rounds} rounds, the rows in turn; ratios: "
+          f"median over the rounds of each round's own ratio; decode over {args.steps} steps; rank compute: the "
+          "slowest rank's runner.step per decode step; control path: loop turn minus it, median per step; "
+          "empty step: Replica.step with no work, median of 200)")
+    names = [name for name, _ in rows]
+    if "LLM 1 rank" in names and "LLM tp=2" in names:
+        one, tp2 = names.index("LLM 1 rank"), names.index("LLM tp=2")
+        for what, key in (("decode", "step"), ("prefill", "prefill")):
+            print(f"tp=2 / LLM 1 rank, {what}, each round: " +
+                  " ".join(f"{rnd[tp2][1][key] / rnd[one][1][key]:.2f}" for rnd in rounds))
 
 
 if __name__ == "__main__":
