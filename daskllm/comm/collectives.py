@@ -42,11 +42,12 @@ def _nbytes(arrays) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def _sum_in_rank_order(parts: list, mine: int) -> np.ndarray:
-    """parts[0] + parts[1] + ... added left to right, into a received buffer (ours to overwrite);
-    parts[mine] (the caller's) is left untouched. (a + b == b + a bit for bit, so rank 0 may
-    add into parts[1].) A read-only part (a view into shared memory) is not overwritten either."""
-    acc = parts[1] if mine == 0 else parts[0]
+def _sum_in_rank_order(parts: list, mine: int, out=None) -> np.ndarray:
+    """parts[0] + parts[1] + ... added left to right, into `out` if given, else into a received
+    buffer (ours to overwrite); parts[mine] (the caller's) is left untouched. (a + b == b + a bit
+    for bit, so rank 0 may add into parts[1].) A read-only part (a view into shared memory) is
+    not overwritten either."""
+    acc = out if out is not None else parts[1] if mine == 0 else parts[0]
     if not acc.flags.writeable:
         acc = np.empty_like(parts[mine])
     np.add(parts[0], parts[1], out=acc)
@@ -222,11 +223,7 @@ class GroupCommunicator(Communicator):
             if lo == 0 and any(got[0].dtype != x.dtype or tuple(got[1].tolist()) != x.shape for got in shared):
                 self._check_same(op, x, [np.broadcast_to(np.zeros((), got[0].dtype), tuple(got[1].tolist()))
                                          for got in shared])          # raises, naming the ranks
-            parts = [got[0] for got in shared]
-            acc = out[lo:lo + per]
-            np.add(parts[0], parts[1], out=acc)
-            for p in parts[2:]:
-                np.add(acc, p, out=acc)
+            _sum_in_rank_order([got[0] for got in shared], self.rank, out=out[lo:lo + per])
         return out.reshape(x.shape)
 
     def _all_reduce_split(self, op: _Op, x):

@@ -1,4 +1,4 @@
-"""Small collectives through shared memory, for the ranks of a group that share one host.
+"""Collectives through shared memory, for the ranks of a group that share one host.
 
 A tp=2 decode step makes two all-reduces per layer of a few KiB each, an ep=2 step two
 all-to-alls and an all-gather per MoE layer. Over loopback TCP each costs two or three system
@@ -71,7 +71,7 @@ def segment_bytes(ranks: int) -> int:
 
 
 def share_memory(comm, alive) -> bool:
-    """Give GroupCommunicator `comm` (whose ranks all run on this host) a SharedSlots for its small
+    """Give GroupCommunicator `comm` (whose ranks all run on this host) a SharedSlots for its
     collectives; every rank of the group calls this at the same point. alive(group rank) -> False
     once that rank's process is gone. False (and nothing changed) where it does not apply, or
     where any rank could not map the segment (a full or missing /dev/shm): the group agrees, over
@@ -195,9 +195,9 @@ class SharedSlots:
                 out.append(None)
                 continue
             dtype, shape = _DTYPES[code], tuple(words[i + 2:i + 2 + ndim])
-            count = math.prod(shape)
-            out.append(np.frombuffer(self.readonly, dtype, count, at).reshape(shape))
-            at += -(-count * dtype.itemsize // _LINE) * _LINE
+            size = math.prod(shape)
+            out.append(np.frombuffer(self.readonly, dtype, size, at).reshape(shape))
+            at += -(-size * dtype.itemsize // _LINE) * _LINE
         return out
 
     def _late(self):
