@@ -174,6 +174,8 @@ def attend_all_keys(q, k, v, scale):
     q (T, H, hd), k and v (Hkv, n, hd): the KV cache's views, or any C-contiguous arrays.
     -> (out (T, H, hd), lse (T, H)), or None where this does not apply (the NumPy path runs).
     """
+    if not decode_sized(q):
+        return None
     keys, values = _cache_buffer(k), _cache_buffer(v)
     if keys is None or values is None:
         return None

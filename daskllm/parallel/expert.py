@@ -1,4 +1,4 @@
-"""Expert parallelism: each rank of an ep group holds whole experts; tokens travel to them and back.
+"""Expert parallelism: each rank of an ep group holds whole experts and runs them on the tokens that chose them.
 
 Legend: N tokens on this rank, n its share, D hidden, E experts, A active experts per token,
 P ep ranks (the group), R routing columns (2A: expert ids then weights).
@@ -13,9 +13,10 @@ The routed MLP, for token x with chosen experts a and router weights w_a:
   y(x) = sum_a w_a * expert_a(x) = sum_p sum_{a on p} w_a * expert_a(x)
 
 ep alone (tp = sp = 1): the dense parts are replicated, so every rank of the group already holds
-all N tokens and routes them alike (same inputs, same bits). No token needs to travel: each rank
-runs its own experts on the tokens that chose them, and one all_reduce adds the ranks' partial
-sums in rank order (partials -> all), as vLLM does for experts spread over tensor-parallel ranks.
+all N tokens and routes them alike (same inputs, same bits, on ranks whose BLAS rounds alike).
+No token needs to travel: each rank runs its own experts on the tokens that chose them, and one
+all_reduce adds the ranks' partial sums in rank order (partials -> all), as vLLM does for
+experts spread over tensor-parallel ranks.
 That is one collective per MoE layer instead of three (dispatch, combine, gather): a decode
 step pays per call far more than per byte. Bytes: each rank sends N x D; token routing sends
 about 0.77 N x D there and back plus N/2 x D gathered at ep = 2, top-2 of 16 experts.
@@ -26,9 +27,8 @@ each rank's MoE block returns (the tp-split shared expert is a partial sum alrea
 returns its own experts' sums and the experts need no collective of their own.
 
 Otherwise (tp > 1 or sp > 1, ep != tp) each rank of the group computes y for a share of the tokens:
-  1. share     the tokens this rank holds are also held by the other ranks of its token
-               set (its tp group); rank i of
-               the set takes the i-th contiguous share (all -> sharded)
+  1. share     the tokens this rank holds are also held by the other ranks of its tp group;
+               rank i of the group takes the i-th contiguous share (all -> sharded)
   2. dispatch  each token of the share goes ONCE to every rank owning one of its experts,
                as one row [x (D) | ids (A) | weights (A)], ids of experts held elsewhere -1
                (all_to_all, sharded -> owner)
@@ -179,12 +179,12 @@ def partial_sums(comm):
 
 
 def seams(cfg, mesh, coords, comms, seams, options):
-    """Replace the `experts` slot with the exchange over this rank's ep group."""
-    owner = expert_owners(cfg.moe.n_experts, mesh.ep)
+    """Replace the `experts` slot with what this rank's ep group needs (see the module docstring)."""
     if mesh.tp * mesh.sp == 1:
         return seams.with_(experts=partial_sums(comms["ep"]))
     if mesh.ep == mesh.tp:
         return seams.with_(experts=combine_local)                       # mlp_out's all_reduce adds them
+    owner = expert_owners(cfg.moe.n_experts, mesh.ep)
     if mesh.tp > 1:
         # tp ranks hold the same tokens; mlp_out's all_reduce over tp adds the shares.
         share, n_shares = coords["tp"], mesh.tp
