@@ -17,6 +17,8 @@ Rank compute: the slowest rank's time inside `runner.step` per decode step (per-
 Control path per step: the engine's loop turn minus the slowest rank's compute in it, median
 over the decode steps (all the driver, Dask and socket time a step costs beyond the model).
 Empty step: `Replica.step` with no work, the control path's floor (messages only).
+Host steal: the share of this VM's CPU time the hypervisor gave to others while the row ran
+(/proc/stat), the noise a row's own figures cannot show.
 """
 import argparse
 import sys
@@ -122,9 +124,22 @@ def over_rounds(runs, bases) -> dict:
     return out
 
 
+def cpu_ticks():
+    """(all, steal) CPU ticks of this machine so far (Linux /proc/stat; (0, 0) elsewhere): time the
+    hypervisor gave this VM's CPUs to others, which a row's figures cannot show by themselves."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(ticks), (ticks[7] if len(ticks) > 7 else 0)
+
+
 def measure(runner, short, longs, steps) -> dict:
-    """Medians over the long prompts of the prefill, decode step, rank compute and control path."""
+    """Medians over the long prompts of the prefill, decode step, rank compute and control path,
+    and the host's steal time over all of them (a share of the CPU time)."""
     runner.generate(short, 2)                                          # warm up
+    all0, steal0 = cpu_ticks()
     runs = []
     for long in longs:
         t0 = time.perf_counter()
@@ -143,6 +158,8 @@ def measure(runner, short, longs, steps) -> dict:
                      "control": runner.control()})
     med = {k: (None if runs[0][k] is None else float(np.median([r[k] for r in runs]))) for k in runs[0]}
     med["tokens"] = tokens
+    all1, steal1 = cpu_ticks()
+    med["steal"] = (steal1 - steal0) / max(1, all1 - all0)
     med["empty"] = runner.empty_step()
     return med
 
@@ -260,14 +277,15 @@ def main(argv=None):
         if m["tokens"] != base["tokens"]:
             print(f"WARNING: {name} generated other tokens than the in-process runner: {m['tokens']} vs {base['tokens']}")
     print(f"\n| {'path':<36} | prefill {args.prefill} | vs in-process | its compute | decode ms/token | "
-          "vs in-process | rank compute | control path/step | empty step |")
-    print("| :-- | --: | --: | --: | --: | --: | --: | --: | --: |")
+          "vs in-process | rank compute | control path/step | empty step | host steal |")
+    print("| :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: |")
     for name, m in rows:
         control = "" if m["control"] is None else f"{m['control'] * 1e3:.2f} ms"
         empty = "" if m["empty"] is None else f"{m['empty'] * 1e3:.2f} ms"
         print(f"| {name:<36} | {m['prefill'] * 1e3:8.0f} ms | {m['prefill_ratio']:12.2f}x | "
               f"{m['prefill_compute'] * 1e3:8.0f} ms | {m['step'] * 1e3:12.2f} | "
-              f"{m['step_ratio']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} |")
+              f"{m['step_ratio']:12.2f}x | {m['compute'] * 1e3:9.2f} ms | {control:>17} | {empty:>10} | "
+              f"{m['steal']:9.1%} |")
     print(f"(medians of {args.repeats} prompts in a round, then of {args.rounds} rounds, the rows in turn; ratios: "
           f"median over the rounds of each round's own ratio; decode over {args.steps} steps; rank compute: the "
           "slowest rank's runner.step per decode step; control path: loop turn minus it, median per step; "
