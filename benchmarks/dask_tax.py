@@ -6,8 +6,9 @@ Run: python benchmarks/dask_tax.py             (the 207M random Llama of issue 1
 
 Rows, each on its own fresh LocalCluster, one after the other, all of them --rounds times in turn:
 - in-process: the rank's runner (InProcessReplica) in this process, 2 BLAS threads;
-- LLM at one rank (1 worker x 2 threads) as daskllm runs it now (rank tuning, control
-  connection), and with those turned off (the nanny's malloc setting, actor calls);
+- LLM at one rank (1 worker x 2 threads) as daskllm runs it now (rank tuning, Dask's fast timers
+  slowed, control connection); with Dask's timers as they are (daskllm.quiet-dask off); and with
+  all of those turned off (the nanny's malloc setting, Dask's timers, actor calls);
 - tp=2 (2 workers x 1 thread), control connection and actor calls;
 - both with runs of 4 decode steps per message (daskllm.decode-steps=4; the default "auto"
   runs as many as fit in 50 ms, so 1 at this model's ~40 ms steps);
@@ -71,7 +72,8 @@ class InProcess:
 
 
 class Cluster:
-    def __init__(self, path, tp, threads, control, tuning, name, decode_steps="auto", shared_memory=True):
+    def __init__(self, path, tp, threads, control, tuning, name, decode_steps="auto", shared_memory=True,
+                 quiet=True):
         import dask
         from distributed import Client, LocalCluster
 
@@ -81,7 +83,8 @@ class Cluster:
                                     dashboard_address=None, host="127.0.0.1")
         self.client = Client(self.cluster, direct_to_workers=True)
         with dask.config.set({"daskllm.control": control, "daskllm.rank-tuning": tuning,
-                              "daskllm.decode-steps": decode_steps, "daskllm.shared-memory": shared_memory}):
+                              "daskllm.decode-steps": decode_steps, "daskllm.shared-memory": shared_memory,
+                              "daskllm.quiet-dask": quiet}):
             self.llm = LLM(str(path), tp=tp, client=self.client)
         self.engine = self.llm.router.engines[0]
         self.computes = []
@@ -236,7 +239,9 @@ def main(argv=None):
 
     configs = [(InProcess, {}),
                (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, name="LLM 1 rank")),
-               (Cluster, dict(tp=1, threads=2, control="actor", tuning=False,
+               (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, quiet=False,
+                              name="LLM 1 rank, Dask's timers as they are")),
+               (Cluster, dict(tp=1, threads=2, control="actor", tuning=False, quiet=False,
                               name="LLM 1 rank, no tuning, actor calls")),
                (Cluster, dict(tp=1, threads=2, control="direct", tuning=True, decode_steps=4,
                               name="LLM 1 rank, runs of 4 steps")),
@@ -247,7 +252,7 @@ def main(argv=None):
                               name="LLM tp=2, all-reduces over TCP")),
                (Cluster, dict(tp=2, threads=1, control="actor", tuning=True, name="LLM tp=2, actor calls"))]
     if args.skip_off:
-        configs = [c for c in configs if c[1].get("control", "direct") == "direct"]
+        configs = [c for c in configs if c[1].get("control", "direct") == "direct" and c[1].get("quiet", True)]
     rng = np.random.default_rng(0)
     short = rng.integers(3, args.vocab, 8).tolist()
     longs = [rng.integers(3, args.vocab, args.prefill).tolist() for _ in range(args.repeats)]

@@ -166,20 +166,37 @@ def _in_force():
     return in_force()
 
 
+def _timer_periods(client):
+    """(worker, nanny, scheduler) periods of the fast Dask timers runtime.quiet slows, in ms."""
+    from daskllm.runtime.quiet import timer_periods
+    (worker,) = client.run(timer_periods).values()
+    (nanny,) = client.run(timer_periods, nanny=True).values()
+    return worker, nanny, client.run_on_scheduler(timer_periods)
+
+
 def test_speed_settings_are_in_force_in_a_worker_the_user_started():
     """A cluster started by the user (not by LLM): its nanny sets MALLOC_TRIM_THRESHOLD_ and one
     BLAS thread; once a rank starts there, large temporaries come from the heap and BLAS has the
-    worker's threads."""
+    worker's threads. While it lives, Dask's fast timers are slowed in the worker, its nanny and
+    the scheduler (on the same host here); after, they are back."""
     from distributed import Client, LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster, direct_to_workers=True) as client:
         (before,) = client.run(_in_force).values()
         assert before == {"blas_threads": 1, "temporary_mmapped": True}      # what the nanny imposes
+        timers = _timer_periods(client)
+        assert timers == ({"tick": 20, "memory_monitor": 100, "profile": 10, "profile-cycle": 1000},
+                          {"tick": 20, "memory_monitor": 100}, {"tick": 20})   # Dask's defaults
         with LLM(golden_dir("llama"), client=client) as llm:
             (after,) = client.run(_in_force).values()
             assert after == {"blas_threads": 2, "temporary_mmapped": False}
             assert llm.replicas[0].load_info[0]["tuning"]["malloc"] == "set"
             assert llm.stats()[0]["tuning"]["blas_threads"] == 2
+            assert _timer_periods(client) == ({"tick": 1000, "memory_monitor": 1000, "profile": 0, "profile-cycle": 0},
+                                              {"tick": 1000, "memory_monitor": 1000}, {"tick": 1000})
+        assert _timer_periods(client) == timers
+        with dask.config.set({"daskllm.quiet-dask": False}), LLM(golden_dir("llama"), client=client):
+            assert _timer_periods(client) == timers
 
 
 def _record_opens_under(prefix):

@@ -27,6 +27,7 @@ from ..comm.control import ControlLink
 from ..parallel.mesh import Mesh
 from . import settings
 from .placement import peer_hint
+from .quiet import QuietTimers
 from .rank import RankActor
 from .wire import work_to_wire
 
@@ -75,6 +76,7 @@ class Replica:
         self.alive = True
         self._actors = []
         self._futures = []
+        self._quiet = None               # Dask's timers slowed beside the ranks (runtime.quiet)
         # This incarnation's epoch: its ranks connect only to each other, never to a rank of an
         # earlier incarnation of the same replica that wakes up late (engine.recovery).
         self.epoch = f"{index}.{secrets.token_hex(8)}"
@@ -110,6 +112,8 @@ class Replica:
                 self.load_info = self._ship_and_load(ship_from, on_rank_loaded)
             if control == "direct":
                 self._links = self._open_control()
+            if settings.get("quiet-dask"):
+                self._quiet = QuietTimers(client, self.workers, settings.get("connect-timeout"))
         except BaseException:
             self.close()
             raise
@@ -383,6 +387,8 @@ class Replica:
             for link in self._links:
                 link.close()
             self._links = []
+            if self._quiet is not None:
+                self._quiet.restore()
             futures, self._futures, self._actors = self._futures, [], []
             if futures:
                 # Cancel, not just release: each actor call leaves a reference cycle inside

@@ -14,6 +14,7 @@ DEFAULTS = {
         "comm-timeout": 60.0,       # s: one collective waiting for a peer inside a step
         "control": "direct",        # steps over a control connection per rank ("actor": as Dask actor calls)
         "rank-tuning": True,        # ranks undo the nanny's malloc setting (runtime/tuning.py); off: to measure it
+        "quiet-dask": True,         # Dask's fast timers slowed beside the ranks while they live (runtime/quiet.py)
         "rebuild-timeout": 300.0,   # s: a lost replica is rebuilt on free workers until this long after
                                     #    the loss (0: no rebuild; its requests move to live replicas or fail)
         "comm-spin": 0.0,           # s: a rank waiting for a peer polls without sleeping this long first
