@@ -24,7 +24,8 @@ TCP path serves.
 
 Every wait has the collective's timeout, and a peer whose process is gone is noticed within
 milliseconds through its TCP connection (which stays for everything else). The waiting rank
-spins for up to SPIN_SECONDS, releasing the GIL every ~100 us for the worker's other threads,
+spins for up to SPIN_SECONDS, giving way every ~100 us (sched_yield: to a thread queued for its
+core, the late peer itself included, and to the GIL's other takers),
 then naps between looks, so a long wait does not hold a core that a busy machine needs.
 """
 from __future__ import annotations
@@ -52,6 +53,12 @@ _DIR = "/dev/shm"
 _SPINS_PER_CHECK = 200       # spins between looks at the clock, the GIL and the peers' connections
 SPIN_SECONDS = 0.002         # then naps of _NAP: a tp step's ranks meet every ~1-2 ms, well within it
 _NAP = 50e-6
+
+
+def _give_way():
+    """Let any thread waiting for this core run (the late peer itself, when the OS queued it here),
+    and this process's other threads take the GIL; back at once if none is waiting."""
+    os.sched_yield()          # releases the GIL around the call
 _TOO_BIG = -1                # a header's first word where the message did not fit
 _MAX_NDIM = 4
 _WORDS_PER_ARRAY = 2 + _MAX_NDIM
@@ -220,7 +227,10 @@ class SharedSlots:
                 raise CommTimeout("timed out", peer=late)
             if not self.alive(late):
                 raise PeerLost("its connection closed", peer=late)
-            time.sleep(_NAP if now > nap_from else 0)     # 0: just the GIL, for this process's other threads
+            if now > nap_from:
+                time.sleep(_NAP)
+            else:
+                _give_way()
 
     def close(self):
         try:
