@@ -133,3 +133,22 @@ def test_work_round_trips_through_the_wire_format():
     work = [Work(3, (1, 2, 3), 0, False), Work(9, (7,), 41, True, SamplingParams(0.7, 40, 0.9, 2 ** 62), 5)]
     wire = msgpack.unpackb(msgpack.packb([work_to_wire(w) for w in work]))
     assert [work_from_wire(w) for w in wire] == work
+
+
+def test_a_rank_polls_for_the_next_message_only_until_it_comes_or_its_time_is_up():
+    import socket
+
+    from daskllm.comm.control import _spin_until_readable
+    a, b = socket.socketpair()
+    try:
+        start = time.perf_counter()
+        _spin_until_readable(a, 0.05)                  # nothing comes: it gives up after its time
+        assert 0.05 <= time.perf_counter() - start < 1.0
+        b.sendall(b"x")
+        start = time.perf_counter()
+        _spin_until_readable(a, 30.0)                  # a message waits: it returns at once
+        assert time.perf_counter() - start < 1.0
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
