@@ -56,7 +56,7 @@ def _recv(sock):
 # After answering, a rank polls for the driver's next message this long before it blocks. The next
 # step comes a few hundred microseconds after the answer, and a thread that never slept needs no
 # wake-up: on a VM, waking an idle vCPU cost 100-150 us. tp=2 on 2 cores: the control path 0.47
-# against 0.52 ms, and the ranks' first all-reduce waits less (benchmarks/control_wait.py).
+# against 0.52 ms, and the ranks' first all-reduce waits less (benchmarks/rank_waits.py).
 NEXT_MESSAGE_SPIN = 0.001
 _give_way = getattr(os, "sched_yield", lambda: time.sleep(0))
 

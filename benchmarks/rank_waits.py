@@ -1,8 +1,11 @@
-"""How a rank waits for the driver's next step: polling for a millisecond, then blocking, against
-blocking at once (comm/control.py, NEXT_MESSAGE_SPIN), in one LLM, alternating.
+"""How a rank waits, as shipped and as before, in one LLM, alternating:
+- for the driver's next step: polling for a millisecond, then blocking, against blocking at once
+  (comm/control.py, NEXT_MESSAGE_SPIN);
+- for a peer in a shared-memory collective (tp=2): giving way with sched_yield while it spins,
+  against sleep(0), which only released the GIL (comm/shared.py, _give_way).
 
-Run: python benchmarks/control_wait.py            (tp=1 and tp=2 on the 207M random Llama; ~5 minutes)
-     python benchmarks/control_wait.py --tp 2 --rounds 4
+Run: python benchmarks/rank_waits.py            (tp=1 and tp=2 on the 207M random Llama; ~6 minutes)
+     python benchmarks/rank_waits.py --tp 2 --rounds 4
 
 Per row and round: 32 decode steps of one sequence. Control path: the engine's loop turn minus
 the slowest rank's compute, median over the steps (as benchmarks/dask_tax.py); rank compute:
@@ -19,9 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_llama  # noqa: E402
 
 
-def _set_spin(seconds):
+def _set_waits(spin_seconds, collective_yield):
+    """In a worker: how its rank waits for the next step, and for a peer in a collective."""
+    import time
+
     import daskllm.comm.control as control
-    control.NEXT_MESSAGE_SPIN = seconds
+    import daskllm.comm.shared as shared
+    control.NEXT_MESSAGE_SPIN = spin_seconds
+    shared._give_way = _shipped_give_way(shared) if collective_yield else (lambda: time.sleep(0))
+
+
+def _shipped_give_way(shared):
+    if not hasattr(shared, "_shipped_give_way"):
+        shared._shipped_give_way = shared._give_way
+    return shared._shipped_give_way
 
 
 def measure(llm, tokens, steps) -> tuple:
@@ -45,23 +59,27 @@ def main(argv=None):
 
     from daskllm import LLM
     from daskllm.comm.control import NEXT_MESSAGE_SPIN
-    waits = {"polls, then blocks": NEXT_MESSAGE_SPIN, "blocks at once": 0.0}
+    rows = {1: {"polls, then blocks (shipped)": (NEXT_MESSAGE_SPIN, True), "blocks at once": (0.0, True)},
+            2: {"polls, then blocks; sched_yield in collectives (shipped)": (NEXT_MESSAGE_SPIN, True),
+                "blocks at once": (0.0, True),
+                "polls, then blocks; sleep(0) in collectives": (NEXT_MESSAGE_SPIN, False)}}
     with tempfile.TemporaryDirectory(prefix="daskllm-control-") as tmp:
         params = random_llama(tmp, layers=args.layers, hidden=1024, heads=16, kv_heads=8, vocab=32000,
                               intermediate=2816, max_position=args.steps + 64)
         print(f"random Llama: {params / 1e6:.0f}M parameters, float32; 2 cores")
-        print("\n| tp | the rank between steps | control path/step | vs blocking | rank compute | vs blocking |")
+        print("\n| tp | how a rank waits | control path/step | vs shipped | rank compute | vs shipped |")
         print("| --: | :-- | --: | --: | --: | --: |")
         for tp in args.tp:
             with LocalCluster(n_workers=tp, threads_per_worker=2 // tp, processes=True, dashboard_address=None,
                               host="127.0.0.1") as cluster, Client(cluster, direct_to_workers=True) as client, \
                     LLM(tmp, tp=tp, client=client) as llm:
+                waits = rows[min(tp, 2)]
                 results = {name: [] for name in waits}
                 for _ in range(args.rounds):
-                    for name, seconds in waits.items():
-                        client.run(_set_spin, seconds)
+                    for name, (spin, collective_yield) in waits.items():
+                        client.run(_set_waits, spin, collective_yield)
                         results[name].append(measure(llm, list(range(5, 13)), args.steps))
-                base = results["blocks at once"]
+                base = next(iter(results.values()))         # the shipped row
                 for name, runs in results.items():
                     control, compute = np.median(np.array(runs), axis=0)
                     ratios = [np.median([r[i] / b[i] for r, b in zip(runs, base)]) for i in (0, 1)]
