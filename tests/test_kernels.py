@@ -115,10 +115,25 @@ def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols, monke
     assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{dtype} rows={rows}")
 
 
-def test_matmul_of_float32_and_of_no_rows():
+@pytest.mark.parametrize("o_rows,k_cols", [(6, 32), (7, 33), (1029, 300)])   # serial; a remainder; parallel
+def test_float32_matmul_of_decode_rows_is_exact_to_float32_round_off(o_rows, k_cols):
+    """<= DECODE_ROWS rows go through the numba kernel (four output rows at a time, the rest one
+    by one), more through BLAS; both against float64."""
+    w = _matrix(o_rows, k_cols)
+    assert (o_rows * k_cols >= kernels.SERIAL_BELOW) == (o_rows == 1029)
+    for t_rows in range(1, kernels.DECODE_ROWS + 2):
+        x = RNG.standard_normal((t_rows, k_cols)).astype(np.float32)
+        exact = x.astype(np.float64) @ w.T.astype(np.float64)
+        got = kernels.matmul(x, w)
+        assert got.dtype == np.float32 and got.shape == (t_rows, o_rows)
+        assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max(), err_msg=f"{t_rows} rows")
+    x, column_major = RNG.standard_normal((3, k_cols)).astype(np.float32), np.asfortranarray(w)
+    assert np.array_equal(kernels.matmul(x, column_major), x @ column_major.T)   # not row-major: BLAS
+
+
+def test_matmul_of_no_rows():
     w = _matrix(6, 32)
-    x = RNG.standard_normal((2, 32)).astype(np.float32)
-    assert_allclose(kernels.matmul(x, w), x @ w.T)
+    assert kernels.matmul(np.zeros((0, 32), np.float32), w).shape == (0, 6)
     assert kernels.matmul(np.zeros((0, 32), np.float32), kernels.convert(w, "int8")).shape == (0, 6)
 
 

@@ -66,11 +66,13 @@ def fuse_projections(weights: dict):
 
 
 def as_matmul_layout(weights: dict):
-    """Store each (out, in) matrix column-major, i.e. as its transpose (in, out) in row order.
+    """Store each (out, in) matrix in the order its matmul reads fastest. Values and shapes are
+    unchanged.
 
-    The forward computes x @ W.T; with W.T contiguous, BLAS skips a transposing pass over W
-    and small-batch matmuls (decode) run about 1.5x faster. Values and shapes are unchanged.
-    16-bit and int8 layouts stay row-major: their kernels read one output row at a time.
+    CPU: row-major, one output row after another, as 16-bit and int8 weights always are: decode's
+    numba kernels read W one output row at a time, and OpenBLAS's GEMM ran as fast or faster on
+    it than on W.T contiguous at every batch size measured (1 to 512 rows, benchmarks/README.md,
+    "Few rows"). GPU: column-major (W.T contiguous), as before, for cuBLAS.
     """
     for name, w in weights.items():
         if name != "router":
@@ -78,9 +80,10 @@ def as_matmul_layout(weights: dict):
 
 
 def _matmul_layout(w):
-    if getattr(w, "ndim", 0) == 2 and not kernels.is_low_bit(w):
-        return array_module(w).asfortranarray(w)
-    return w
+    if getattr(w, "ndim", 0) != 2 or kernels.is_low_bit(w):
+        return w
+    xp = array_module(w)
+    return xp.ascontiguousarray(w) if xp is np else xp.asfortranarray(w)
 
 
 STORED = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

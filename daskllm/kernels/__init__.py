@@ -2,7 +2,10 @@
 
 The model calls `matmul(x, w)` for x @ W.T (and `take_rows` for an embedding lookup);
 this package picks the kernel by the weight's layout (kernels.formats) and the rows of x:
-  float32            BLAS (numpy or cupy), as before
+  float32, CPU       few rows (decode, <= DECODE_ROWS): a numba kernel reading W once
+                     (kernels.cpu.matvec_f32; OpenBLAS's sgemm packs W and ran 2-3x slower
+                     at 2-4 rows); many rows: BLAS
+  float32, GPU       cuBLAS (CuPy)
   16-bit, Q8_0, CPU  few rows (decode, <= DECODE_ROWS): numba kernels read the low-bit
                      weight once, no float32 copy of the matrix (kernels.cpu);
                      many rows (prefill): tiles of up to TILE_BYTES of float32 dequantized
@@ -80,6 +83,8 @@ def _buffer(size: int) -> np.ndarray:
 def matmul(x, w):
     """x @ W.T for W (O, K) of any layout.  x (T, K) float32 -> (T, O) float32"""
     if not is_low_bit(w):
+        if _few_rows_f32(x, w):
+            return _matvec_f32(x, w)
         return x @ w.T
     xp = array_module(x)
     if xp is not np:
@@ -113,6 +118,22 @@ def matmul(x, w):
     return out
 
 
+def _few_rows_f32(x, w) -> bool:
+    """A decode step's float32 matmul on NumPy arrays, W row-major (io.loader holds it so)."""
+    return (type(x) is np.ndarray and type(w) is np.ndarray and 0 < x.shape[0] <= DECODE_ROWS
+            and x.dtype == w.dtype == np.float32 and w.flags.c_contiguous)
+
+
+def _matvec_f32(x, w):
+    x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    parallel = w.size >= SERIAL_BELOW
+    with _launch if parallel else contextlib.nullcontext():
+        cpu = _cpu(parallel)
+        (cpu.matvec_f32 if parallel else cpu.matvec_f32_serial)(x, w, out)
+    return out
+
+
 class _BlasThreads:
     """Limits BLAS to one thread around small-batch steps on low-bit weights (reused controller)."""
     controller = None
@@ -125,14 +146,15 @@ class _BlasThreads:
         return cls.controller.limit(limits=1, user_api="blas")
 
 
-def decode_scope(weights_low_bit: bool, rows: int):
-    """Context for one step: BLAS on one thread when numba kernels run beside it.
+def decode_scope(on_cpu_arrays: bool, rows: int):
+    """Context for one step: BLAS on one thread when numba kernels run beside it (a step of
+    at most DECODE_ROWS rows on NumPy weights, of any layout).
 
     Measured (DESIGN.md): OpenBLAS's and numba's threads both spin after their work, and a
     numba int8 step slowed from 6.6 ms to 122 ms with small BLAS calls beside it; with
     OpenBLAS on one thread around the step it ran in 6.8 ms.
     """
-    if weights_low_bit and rows <= DECODE_ROWS:
+    if on_cpu_arrays and rows <= DECODE_ROWS:
         return _BlasThreads.one()
     return contextlib.nullcontext()
 

@@ -1,9 +1,10 @@
-"""CPU kernels (numba) that read 16-bit and Q8_0 weights directly, and tiles for BLAS.
+"""CPU kernels (numba) for decode's few rows (float32, 16-bit and Q8_0 weights), and tiles for BLAS.
 
 Legend: T rows of x (tokens), K input width, O output rows of W, nb = ceil(K / 32) blocks.
 
 Decode (few rows): `matvec_*` read each weight once, widen it in registers and multiply;
-output rows are spread over numba's threads. One flat loop over k from 0 per output row,
+output rows are spread over numba's threads. float32 too (`matvec_f32`): OpenBLAS's sgemm
+packs W for 2-8 rows and ran 3x slower than a single row (benchmarks/README.md, "Few rows"). One flat loop over k from 0 per output row,
 the Q8_0 block scale read as s[k >> 5] (a nested 32-element block loop, or a loop over a
 sub-range, compiled into gathers and ran at a fraction of the bandwidth). Each 16-bit weight
 becomes float32 inside the multiply loop (`_bf16`, `_f16`: LLVM widens 8 at a time, with
@@ -114,6 +115,40 @@ def _matvec_half(x, bits, is_bf16, out):
                 out[t, o] = acc
 
 
+def _matvec_f32(x, w, out):
+    """out = x @ W.T for float32 W, row-major.  x (T, K) f32, w (O, K) f32 -> out (T, O) f32.
+
+    Four output rows at a time: each x[t, k] loaded once feeds four independent sums, which
+    LLVM vectorises and keeps in registers (one row at a time ran at a third of the bandwidth)."""
+    t_rows, k_cols = x.shape
+    o_rows = w.shape[0]
+    n_chunks = (o_rows + _CHUNK - 1) // _CHUNK
+    for c in prange(n_chunks):
+        o, end = c * _CHUNK, min(o_rows, (c + 1) * _CHUNK)
+        while o + 4 <= end:
+            w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+            for t in range(t_rows):
+                xt = x[t]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for k in range(k_cols):
+                    xk = xt[k]
+                    a0 += xk * w0[k]
+                    a1 += xk * w1[k]
+                    a2 += xk * w2[k]
+                    a3 += xk * w3[k]
+                out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, a1, a2, a3
+            o += 4
+        while o < end:                              # the last rows of a matrix whose O is not a multiple of 4
+            wo = w[o]
+            for t in range(t_rows):
+                xt = x[t]
+                acc = np.float32(0.0)
+                for k in range(k_cols):
+                    acc += xt[k] * wo[k]
+                out[t, o] = acc
+            o += 1
+
+
 def _dequantize_rows_q8_0(qs, d16, lo, k_cols, buf):
     """Rows lo .. lo + len(buf) of a Q8_0 W as float32 into buf (R, K)."""
     nb = d16.shape[1]
@@ -156,5 +191,6 @@ def _both(fn):
 
 matvec_q8_0, matvec_q8_0_serial = _both(_matvec_q8_0)
 matvec_half, matvec_half_serial = _both(_matvec_half)
+matvec_f32, matvec_f32_serial = _both(_matvec_f32)
 dequantize_rows_q8_0, dequantize_rows_q8_0_serial = _both(_dequantize_rows_q8_0)
 dequantize_rows_half, dequantize_rows_half_serial = _both(_dequantize_rows_half)
