@@ -117,8 +117,8 @@ def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols, monke
 
 @pytest.mark.parametrize("o_rows,k_cols", [(6, 32), (7, 33), (1029, 300)])   # serial; a remainder; parallel
 def test_float32_matmul_of_decode_rows_is_exact_to_float32_round_off(o_rows, k_cols):
-    """<= DECODE_ROWS rows go through the numba kernel (four output rows at a time, the rest one
-    by one), more through BLAS; both against float64."""
+    """2 to DECODE_ROWS rows go through the numba kernel (four output rows at a time, the rest
+    one by one), one row and more rows through BLAS; all against float64."""
     w = _matrix(o_rows, k_cols)
     assert (o_rows * k_cols >= kernels.SERIAL_BELOW) == (o_rows == 1029)
     for t_rows in range(1, kernels.DECODE_ROWS + 2):
@@ -129,6 +129,27 @@ def test_float32_matmul_of_decode_rows_is_exact_to_float32_round_off(o_rows, k_c
         assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max(), err_msg=f"{t_rows} rows")
     x, column_major = RNG.standard_normal((3, k_cols)).astype(np.float32), np.asfortranarray(w)
     assert np.array_equal(kernels.matmul(x, column_major), x @ column_major.T)   # not row-major: BLAS
+
+
+def test_blas_keeps_one_thread_exactly_where_numba_runs_a_steps_matmuls():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return min(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+    def inside(*scope):
+        with kernels.decode_scope(*scope):
+            return blas_threads()
+    with threadpool_limits(2, user_api="blas"):      # whatever an earlier test left
+        if blas_threads() < 2:
+            pytest.skip("this BLAS runs one thread at most here: nothing to hold back")
+        rows = kernels.DECODE_ROWS
+        assert inside(False, True, 2) == inside(False, True, rows) == 1      # float32, batched decode
+        assert inside(True, True, 1) == inside(True, False, rows) == 1      # 16-bit / int8 decode
+        assert inside(False, True, 1) == 2                                  # float32, one row: BLAS
+        assert inside(False, True, rows + 1) == inside(True, True, rows + 1) == 2   # prefill
+        assert inside(False, False, 2) == 2                                 # GPU float32
+        assert blas_threads() == 2                                          # each scope let go
 
 
 def test_matmul_of_no_rows():

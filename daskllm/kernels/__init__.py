@@ -2,9 +2,9 @@
 
 The model calls `matmul(x, w)` for x @ W.T (and `take_rows` for an embedding lookup);
 this package picks the kernel by the weight's layout (kernels.formats) and the rows of x:
-  float32, CPU       few rows (decode, <= DECODE_ROWS): a numba kernel reading W once
+  float32, CPU       2 to DECODE_ROWS rows (batched decode): a numba kernel reading W once
                      (kernels.cpu.matvec_f32; OpenBLAS's sgemm packs W and ran 2-3x slower
-                     at 2-4 rows); many rows: BLAS
+                     at 2-4 rows); one row, or many: BLAS
   float32, GPU       cuBLAS (CuPy)
   16-bit, Q8_0, CPU  few rows (decode, <= DECODE_ROWS): numba kernels read the low-bit
                      weight once, no float32 copy of the matrix (kernels.cpu);
@@ -119,8 +119,11 @@ def matmul(x, w):
 
 
 def _few_rows_f32(x, w) -> bool:
-    """A decode step's float32 matmul on NumPy arrays, W row-major (io.loader holds it so)."""
-    return (type(x) is np.ndarray and type(w) is np.ndarray and 0 < x.shape[0] <= DECODE_ROWS
+    """A batched decode step's float32 matmul on NumPy arrays (2 to DECODE_ROWS rows), W row-major
+    (io.loader holds it so). One row stays on BLAS's matrix-vector product, as fast as the
+    kernel: a single sequence's first decode steps then meet no BLAS threads still spinning
+    from its prefill (numba's kernel ran 60-90 ms instead of 31 for ~0.1 s after a prefill)."""
+    return (type(x) is np.ndarray and type(w) is np.ndarray and 1 < x.shape[0] <= DECODE_ROWS
             and x.dtype == w.dtype == np.float32 and w.flags.c_contiguous)
 
 
@@ -146,15 +149,15 @@ class _BlasThreads:
         return cls.controller.limit(limits=1, user_api="blas")
 
 
-def decode_scope(on_cpu_arrays: bool, rows: int):
-    """Context for one step: BLAS on one thread when numba kernels run beside it (a step of
-    at most DECODE_ROWS rows on NumPy weights, of any layout).
+def decode_scope(weights_low_bit: bool, on_cpu_arrays: bool, rows: int):
+    """Context for one step: BLAS on one thread when numba kernels run its matmuls (at most
+    DECODE_ROWS rows: on 16-bit and int8 weights; on NumPy float32 weights from 2 rows).
 
     Measured (DESIGN.md): OpenBLAS's and numba's threads both spin after their work, and a
     numba int8 step slowed from 6.6 ms to 122 ms with small BLAS calls beside it; with
     OpenBLAS on one thread around the step it ran in 6.8 ms.
     """
-    if on_cpu_arrays and rows <= DECODE_ROWS:
+    if rows <= DECODE_ROWS and (weights_low_bit or (on_cpu_arrays and rows > 1)):
         return _BlasThreads.one()
     return contextlib.nullcontext()
 

@@ -75,6 +75,9 @@ class Weights:
               "layers": {i: d for i, d in enumerate(self.layers)}})
         return found
 
+    def has_low_bit(self) -> bool:
+        return any(kernels.is_low_bit(w) for w in self.arrays())
+
     def nbytes(self) -> int:
         """Bytes held, in each weight's own layout (what a rank's memory really holds)."""
         return sum(int(w.nbytes) for w in self.arrays())

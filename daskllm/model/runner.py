@@ -41,14 +41,15 @@ class ModelRunner:
         self.model = model
         self.tp_comm = tp_comm
         self.cache = KVCache(model.cfg.n_layers, xp=model.xp, budget_bytes=cache_budget_bytes)
-        self.compiled_decode = model.xp is np        # decode's matmuls run numba kernels (kernels.matmul)
+        self.low_bit = model.weights.has_low_bit()
+        self.on_cpu = model.xp is np
 
     def step(self, work: list) -> dict:
         """Feed each sequence its new tokens; {seq: next token} for those that sample."""
         if not work:
             return {}
         batch = self.model.seams.local_batch(Batch.build([(w.seq, w.tokens, w.start) for w in work]))
-        with kernels.decode_scope(self.compiled_decode, len(batch.tokens)):
+        with kernels.decode_scope(self.low_bit, self.on_cpu, len(batch.tokens)):
             hidden = self.model.forward(batch, self.cache)                   # (N, D)
         sampled = [i for i, w in enumerate(work) if w.sample]
         if not sampled or hidden is None:       # None: a pipeline stage before the last samples nothing
