@@ -152,6 +152,18 @@ def test_blas_keeps_one_thread_exactly_where_numba_runs_a_steps_matmuls():
         assert blas_threads() == 2                                          # each scope let go
 
 
+@pytest.mark.parametrize("threads,row_major", [(None, True), (2, True), (1, False)])
+def test_float32_weights_are_held_in_the_layout_their_ranks_read_fastest(threads, row_major, monkeypatch):
+    from daskllm.io.loader import as_matmul_layout
+    monkeypatch.setattr(kernels, "_threads", threads)
+    w = _matrix(6, 32)
+    held = {"w": w, "router": np.asfortranarray(w), "half": kernels.convert(w, "bfloat16")}
+    as_matmul_layout(held)
+    assert np.array_equal(held["w"], w)
+    assert held["w"].flags.c_contiguous == row_major and held["w"].flags.f_contiguous == (not row_major)
+    assert held["router"].flags.f_contiguous and type(held["half"]) is kernels.Half    # left as they were
+
+
 def test_matmul_of_no_rows():
     w = _matrix(6, 32)
     assert kernels.matmul(np.zeros((0, 32), np.float32), w).shape == (0, 6)

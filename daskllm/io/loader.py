@@ -67,12 +67,14 @@ def fuse_projections(weights: dict):
 
 def as_matmul_layout(weights: dict):
     """Store each (out, in) matrix in the order its matmul reads fastest. Values and shapes are
-    unchanged.
-
-    CPU: row-major, one output row after another, as 16-bit and int8 weights always are: decode's
-    numba kernels read W one output row at a time, and OpenBLAS's GEMM ran as fast or faster on
-    it than on W.T contiguous at every batch size measured (1 to 512 rows, benchmarks/README.md,
-    "Few rows"). GPU: column-major (W.T contiguous), as before, for cuBLAS.
+    unchanged. 16-bit and int8 weights are always row-major (their kernels read W one output
+    row at a time); float32 (benchmarks/README.md, "Few rows"):
+    - CPU, a rank of 2 or more threads: row-major. Batched decode's numba kernel reads it, and
+      OpenBLAS ran as fast or faster on it than on W.T contiguous at every size tried (1-512
+      rows; one row 13.5 against 15.1 ms on 2 threads).
+    - CPU, a rank of one thread: column-major (W.T contiguous), where one row's matrix-vector
+      product ran 10% faster (22.3 against 24.9 ms); batched decode then stays on BLAS.
+    - GPU: column-major, as before, for cuBLAS.
     """
     for name, w in weights.items():
         if name != "router":
@@ -83,7 +85,9 @@ def _matmul_layout(w):
     if getattr(w, "ndim", 0) != 2 or kernels.is_low_bit(w):
         return w
     xp = array_module(w)
-    return xp.ascontiguousarray(w) if xp is np else xp.asfortranarray(w)
+    if xp is np and kernels.threads() != 1:
+        return np.ascontiguousarray(w)
+    return xp.asfortranarray(w)
 
 
 STORED = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -56,6 +56,11 @@ def set_threads(n: int):
     _threads = max(1, int(n))
 
 
+def threads():
+    """The threads set for this process's kernels (None: not set, numba's default)."""
+    return _threads
+
+
 def _cpu(parallel=True):
     from . import cpu       # numba compiles (or loads its cache) on first use only
     # numba's thread count is per calling thread; remember what this thread set, since
