@@ -117,11 +117,11 @@ def test_matmul_equals_float32_math_on_the_same_weights(dtype, rows, cols, monke
 
 @pytest.mark.parametrize("o_rows,k_cols", [(6, 32), (7, 33), (1029, 300)])   # serial; a remainder; parallel
 def test_float32_matmul_of_decode_rows_is_exact_to_float32_round_off(o_rows, k_cols):
-    """2 to DECODE_ROWS rows go through the numba kernel (four output rows at a time, the rest
-    one by one), one row and more rows through BLAS; all against float64."""
+    """2 to F32_ROWS rows go through the numba kernel (four output rows at a time, the rest one
+    by one), one row and more rows through BLAS; all against float64."""
     w = _matrix(o_rows, k_cols)
     assert (o_rows * k_cols >= kernels.SERIAL_BELOW) == (o_rows == 1029)
-    for t_rows in range(1, kernels.DECODE_ROWS + 2):
+    for t_rows in range(1, kernels.F32_ROWS + 2):
         x = RNG.standard_normal((t_rows, k_cols)).astype(np.float32)
         exact = x.astype(np.float64) @ w.T.astype(np.float64)
         got = kernels.matmul(x, w)
@@ -143,11 +143,12 @@ def test_blas_keeps_one_thread_exactly_where_numba_runs_a_steps_matmuls():
     with threadpool_limits(2, user_api="blas"):      # whatever an earlier test left
         if blas_threads() < 2:
             pytest.skip("this BLAS runs one thread at most here: nothing to hold back")
-        rows = kernels.DECODE_ROWS
-        assert inside(False, True, 2) == inside(False, True, rows) == 1      # float32, batched decode
+        rows, f32_rows = kernels.DECODE_ROWS, kernels.F32_ROWS
+        assert inside(False, True, 2) == inside(False, True, f32_rows) == 1  # float32, batched decode
         assert inside(True, True, 1) == inside(True, False, rows) == 1      # 16-bit / int8 decode
         assert inside(False, True, 1) == 2                                  # float32, one row: BLAS
-        assert inside(False, True, rows + 1) == inside(True, True, rows + 1) == 2   # prefill
+        assert inside(True, True, rows + 1) == 2                            # 16-bit / int8: BLAS tiles
+        assert inside(False, True, f32_rows + 1) == 2                       # prefill
         assert inside(False, False, 2) == 2                                 # GPU float32
         assert blas_threads() == 2                                          # each scope let go
 

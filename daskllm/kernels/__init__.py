@@ -2,9 +2,9 @@
 
 The model calls `matmul(x, w)` for x @ W.T (and `take_rows` for an embedding lookup);
 this package picks the kernel by the weight's layout (kernels.formats) and the rows of x:
-  float32, CPU       2 to DECODE_ROWS rows (batched decode): a numba kernel reading W once
+  float32, CPU       2 to F32_ROWS rows (batched decode): a numba kernel reading W once
                      (kernels.cpu.matvec_f32; OpenBLAS's sgemm packs W and ran 2-3x slower
-                     at 2-4 rows); one row, or many: BLAS
+                     at 2-8 rows); one row, or more: BLAS
   float32, GPU       cuBLAS (CuPy)
   16-bit, Q8_0, CPU  few rows (decode, <= DECODE_ROWS): numba kernels read the low-bit
                      weight once, no float32 copy of the matrix (kernels.cpu);
@@ -32,6 +32,7 @@ from .formats import (BLOCK, KINDS, Half, Q8_0, array_module, concat_rows, conve
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DECODE_ROWS = 4          # measured: at 8 rows the direct kernels are compute-bound and BLAS wins
+F32_ROWS = 8             # float32's kernel still beat BLAS at 8 rows (46.9 against 63.9 ms: "Few rows")
 # Prefill tile: 16 MiB of float32 (4096 rows of a 1024-wide matrix). Few, large BLAS calls:
 # each call wakes and joins OpenBLAS's threads, and on a busy machine every join can wait for
 # a descheduled thread. Measured on 12 matrices of the 207M Llama, 512 rows, load ~3.7:
@@ -124,11 +125,11 @@ def matmul(x, w):
 
 
 def _few_rows_f32(x, w) -> bool:
-    """A batched decode step's float32 matmul on NumPy arrays (2 to DECODE_ROWS rows), W row-major
+    """A batched decode step's float32 matmul on NumPy arrays (2 to F32_ROWS rows), W row-major
     (io.loader holds it so). One row stays on BLAS's matrix-vector product, as fast as the
     kernel: a single sequence's first decode steps then meet no BLAS threads still spinning
     from its prefill (numba's kernel ran 60-90 ms instead of 31 for ~0.1 s after a prefill)."""
-    return (type(x) is np.ndarray and type(w) is np.ndarray and 1 < x.shape[0] <= DECODE_ROWS
+    return (type(x) is np.ndarray and type(w) is np.ndarray and 1 < x.shape[0] <= F32_ROWS
             and x.dtype == w.dtype == np.float32 and w.flags.c_contiguous)
 
 
@@ -155,14 +156,15 @@ class _BlasThreads:
 
 
 def decode_scope(weights_low_bit: bool, on_cpu_arrays: bool, rows: int):
-    """Context for one step: BLAS on one thread when numba kernels run its matmuls (at most
-    DECODE_ROWS rows: on 16-bit and int8 weights; on NumPy float32 weights from 2 rows).
+    """Context for one step: BLAS on one thread when numba kernels run its matmuls (16-bit and
+    int8 weights: up to DECODE_ROWS rows; NumPy float32 weights: 2 to F32_ROWS rows).
 
     Measured (DESIGN.md): OpenBLAS's and numba's threads both spin after their work, and a
     numba int8 step slowed from 6.6 ms to 122 ms with small BLAS calls beside it; with
     OpenBLAS on one thread around the step it ran in 6.8 ms.
     """
-    if rows <= DECODE_ROWS and (weights_low_bit or (on_cpu_arrays and rows > 1)):
+    numba_runs = (rows <= DECODE_ROWS if weights_low_bit else on_cpu_arrays and 1 < rows <= F32_ROWS)
+    if numba_runs:
         return _BlasThreads.one()
     return contextlib.nullcontext()
 
