@@ -2,7 +2,7 @@
 - for the driver's next step: polling for a millisecond, then blocking, against blocking at once
   (comm/control.py, NEXT_MESSAGE_SPIN);
 - for a peer in a shared-memory collective (tp=2): giving way with sched_yield while it spins,
-  against sleep(0), which only released the GIL (comm/shared.py, _give_way).
+  against sleep(0), which only released the GIL (comm/base.py, give_way).
 
 Run: python benchmarks/rank_waits.py            (tp=1 and tp=2 on the 207M random Llama; ~6 minutes)
      python benchmarks/rank_waits.py --tp 2 --rounds 4
@@ -28,14 +28,9 @@ def _set_waits(spin_seconds, collective_yield):
 
     import daskllm.comm.control as control
     import daskllm.comm.shared as shared
+    from daskllm.comm.base import give_way
     control.NEXT_MESSAGE_SPIN = spin_seconds
-    shared._give_way = _shipped_give_way(shared) if collective_yield else (lambda: time.sleep(0))
-
-
-def _shipped_give_way(shared):
-    if not hasattr(shared, "_shipped_give_way"):
-        shared._shipped_give_way = shared._give_way
-    return shared._shipped_give_way
+    shared.give_way = give_way if collective_yield else (lambda: time.sleep(0))
 
 
 def measure(llm, tokens, steps) -> tuple:

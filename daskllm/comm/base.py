@@ -8,12 +8,23 @@ against `Communicator` alone.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+
+def give_way() -> None:
+    """For a thread that spins while it waits: let any thread queued for this core run (a late
+    peer, the driver) and this process's other threads take the GIL; back at once if none waits."""
+    _yield()
+
+
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))    # releases the GIL around the call
 
 
 class CommError(RuntimeError):

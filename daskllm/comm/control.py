@@ -15,7 +15,6 @@ Example
 """
 from __future__ import annotations
 
-import os
 import select
 import socket
 import struct
@@ -24,6 +23,8 @@ import time
 import types
 
 import msgpack
+
+from .base import give_way
 
 _PREFIX = struct.Struct("<I")
 
@@ -58,7 +59,6 @@ def _recv(sock):
 # wake-up: on a VM, waking an idle vCPU cost 100-150 us. tp=2 on 2 cores: the control path 0.47
 # against 0.52 ms, and the ranks' first all-reduce waits less (benchmarks/rank_waits.py).
 NEXT_MESSAGE_SPIN = 0.001
-_give_way = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def _spin_until_readable(sock, seconds: float) -> None:
@@ -68,7 +68,7 @@ def _spin_until_readable(sock, seconds: float) -> None:
     while time.perf_counter() < deadline:
         if getattr(sock, "pending", lambda: 0)() or select.select([sock], [], [], 0)[0]:
             return                 # (pending: bytes TLS already decrypted, which select cannot see)
-        _give_way()
+        give_way()
 
 
 class ControlServer:

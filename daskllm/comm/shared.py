@@ -41,7 +41,7 @@ from array import array
 import ml_dtypes
 import numpy as np
 
-from .base import CommTimeout, PeerLost
+from .base import CommTimeout, PeerLost, give_way
 
 _HEADER_BYTES = 512          # at the start of each slot: what it holds (see SharedSlots._write)
 _LINE = 64                   # bytes per sequence number: one cache line each
@@ -53,12 +53,6 @@ _DIR = "/dev/shm"
 _SPINS_PER_CHECK = 200       # spins between looks at the clock, the GIL and the peers' connections
 SPIN_SECONDS = 0.002         # then naps of _NAP: a tp step's ranks meet every ~1-2 ms, well within it
 _NAP = 50e-6
-
-
-def _give_way():
-    """Let any thread waiting for this core run (the late peer itself, when the OS queued it here),
-    and this process's other threads take the GIL; back at once if none is waiting."""
-    os.sched_yield()          # releases the GIL around the call
 _TOO_BIG = -1                # a header's first word where the message did not fit
 _MAX_NDIM = 4
 _WORDS_PER_ARRAY = 2 + _MAX_NDIM
@@ -230,7 +224,7 @@ class SharedSlots:
             if now > nap_from:
                 time.sleep(_NAP)
             else:
-                _give_way()
+                give_way()
 
     def close(self):
         try:

@@ -101,14 +101,11 @@ def matmul(x, w):
     if t_rows == 0:
         return out
     k_cols = w.shape[1]
-    parallel = o_rows * k_cols >= SERIAL_BELOW
     if t_rows <= DECODE_ROWS:
-        with _launch if parallel else contextlib.nullcontext():
-            cpu = _cpu(parallel)
-            if isinstance(w, Q8_0):
-                (cpu.matvec_q8_0 if parallel else cpu.matvec_q8_0_serial)(x, w.qs, w.d.view(np.uint16), out)
-            else:
-                (cpu.matvec_half if parallel else cpu.matvec_half_serial)(x, w.bits, w.kind == "bfloat16", out)
+        if isinstance(w, Q8_0):
+            _run_few_rows("matvec_q8_0", o_rows * k_cols, x, w.qs, w.d.view(np.uint16), out)
+        else:
+            _run_few_rows("matvec_half", o_rows * k_cols, x, w.bits, w.kind == "bfloat16", out)
         return out
     step = tile_rows(k_cols)
     for lo in range(0, o_rows, step):
@@ -134,17 +131,22 @@ def _few_rows_f32(x, w) -> bool:
 
 
 def _matvec_f32(x, w):
-    x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    parallel = w.size >= SERIAL_BELOW
-    with _launch if parallel else contextlib.nullcontext():
-        cpu = _cpu(parallel)
-        (cpu.matvec_f32 if parallel else cpu.matvec_f32_serial)(x, w, out)
+    _run_few_rows("matvec_f32", w.size, np.ascontiguousarray(x), w, out)
     return out
 
 
+def _run_few_rows(kernel: str, weights: int, *args):
+    """kernels.cpu.<kernel>(*args) over a matrix of `weights` entries: on numba's threads, one
+    launch at a time; below SERIAL_BELOW its serial twin, on this thread alone."""
+    parallel = weights >= SERIAL_BELOW
+    with _launch if parallel else contextlib.nullcontext():
+        cpu = _cpu(parallel)
+        getattr(cpu, kernel if parallel else f"{kernel}_serial")(*args)
+
+
 class _BlasThreads:
-    """Limits BLAS to one thread around small-batch steps on low-bit weights (reused controller)."""
+    """Limits BLAS to one thread around the steps whose matmuls numba runs (reused controller)."""
     controller = None
 
     @classmethod
