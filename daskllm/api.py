@@ -106,7 +106,8 @@ class LLM:
         # once here: it sizes the weights and KV budget, aligns tp cuts and tells each rank what to load.
         self.options = {"sp_variant": sp_variant, "device": device, "comm_spin": settings.get("comm-spin"),
                         "shared_memory": bool(settings.get("shared-memory")),
-                        "rank_tuning": settings.get("rank-tuning"), "dtype": dtype,
+                        "rank_tuning": settings.get("rank-tuning"), "blas_spin": settings.blas_spin(),
+                        "dtype": dtype,
                         "dtypes": resolve_dtype(self.checkpoint, dtype)}
         self.ship_weights = bool(ship_weights)
         settings.decode_steps()                  # a bad setting fails here, before any worker is touched

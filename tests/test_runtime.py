@@ -176,20 +176,20 @@ def _timer_periods(client):
 
 def test_speed_settings_are_in_force_in_a_worker_the_user_started():
     """A cluster started by the user (not by LLM): its nanny sets MALLOC_TRIM_THRESHOLD_ and one
-    BLAS thread; once a rank starts there, large temporaries come from the heap and BLAS has the
-    worker's threads. While it lives, Dask's fast timers are slowed in the worker, its nanny and
+    BLAS thread; once a rank starts there, large temporaries come from the heap, BLAS has the
+    worker's threads and its idle threads spin 2**24 cycles instead of OpenBLAS's 2**28. While it lives, Dask's fast timers are slowed in the worker, its nanny and
     the scheduler (on the same host here); after, they are back."""
     from distributed import Client, LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster, direct_to_workers=True) as client:
         (before,) = client.run(_in_force).values()
-        assert before == {"blas_threads": 1, "temporary_mmapped": True}      # what the nanny imposes
+        assert before == {"blas_threads": 1, "blas_spin": 0, "temporary_mmapped": True}  # the nanny's; OpenBLAS's
         timers = _timer_periods(client)
         assert timers == ({"tick": 20, "memory_monitor": 100, "profile": 10, "profile-cycle": 1000},
                           {"tick": 20, "memory_monitor": 100}, {"tick": 20})   # Dask's defaults
         with LLM(golden_dir("llama"), client=client) as llm:
             (after,) = client.run(_in_force).values()
-            assert after == {"blas_threads": 2, "temporary_mmapped": False}
+            assert after == {"blas_threads": 2, "blas_spin": 24, "temporary_mmapped": False}
             assert llm.replicas[0].load_info[0]["tuning"]["malloc"] == "set"
             assert llm.stats()[0]["tuning"]["blas_threads"] == 2
             assert _timer_periods(client) == ({"tick": 1000, "memory_monitor": 1000, "profile": 0, "profile-cycle": 0},

@@ -55,7 +55,7 @@ class RankActor:
         self.options = options
         self.comm_timeout = comm_timeout
         threads = _worker().state.nthreads
-        self.tuning = tuning.apply(threads) if options.get("rank_tuning", True) else \
+        self.tuning = tuning.apply(threads, options.get("blas_spin")) if options.get("rank_tuning", True) else \
             {"pid": os.getpid(), "blas_threads": tuning.set_blas_threads(threads), "malloc": "untouched"}
         kernels.set_threads(threads)      # the low-bit weight kernels use the worker's threads too
         self.transport = None

@@ -14,6 +14,9 @@ DEFAULTS = {
         "comm-timeout": 60.0,       # s: one collective waiting for a peer inside a step
         "control": "direct",        # steps over a control connection per rank ("actor": as Dask actor calls)
         "rank-tuning": True,        # ranks undo the nanny's malloc setting (runtime/tuning.py); off: to measure it
+        "blas-spin": 24,            # OpenBLAS's idle threads in a rank spin 2**N cycles before sleeping (its
+                                    #    default 28, ~0.1 s, slowed numba's decode kernels; runtime/tuning.py);
+                                    #    None: leave OpenBLAS as it is
         "quiet-dask": True,         # Dask's fast timers slowed beside the ranks while they live (runtime/quiet.py)
         "rebuild-timeout": 300.0,   # s: a lost replica is rebuilt on free workers until this long after
                                     #    the loss (0: no rebuild; its requests move to live replicas or fail)
@@ -37,6 +40,15 @@ def get(name: str):
     `dask.config.set` context entered before daskllm was imported drops the defaults added
     meanwhile when it exits."""
     return dask.config.get(f"daskllm.{name}", default=DEFAULTS["daskllm"][name])
+
+
+def blas_spin():
+    """The blas-spin setting, checked: None or an int from 4 to 30 (OPENBLAS_THREAD_TIMEOUT's range)."""
+    value = get("blas-spin")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and 4 <= value <= 30):
+        return value
+    raise ValueError(f"daskllm.blas-spin must be None or an integer from 4 to 30 (idle OpenBLAS threads spin "
+                     f"2**N cycles; OpenBLAS's own default is 28), got {value!r}")
 
 
 def decode_steps():

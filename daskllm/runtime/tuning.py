@@ -8,12 +8,22 @@ LocalCluster, `dask-ssh`, SLURM), so nothing depends on how the cluster was star
   process, 1.79 s with the variable set). `mallopt` puts the thresholds back where the
   dynamic rule ends up: temporaries up to 32 MiB come from the heap and stay there.
 - The nanny sets OMP/OPENBLAS/MKL_NUM_THREADS=1; the rank gets its worker's threads.
+- OpenBLAS's idle threads spin 2**28 clock cycles (0.1 s at 2.6 GHz) after each call before
+  they sleep. A batched decode step runs its matmuls on numba's threads (kernels.matvec_f32),
+  and its first step after a prefill met BLAS threads still spinning there: 111 ms against
+  37 for a batch of 2 on the 207M Llama, and a batch that new requests join every 4th step
+  averaged 82 ms a step against 65. At 2**24 cycles (~6 ms) the threads stay awake through
+  a prefill's gaps between matmuls (its time unchanged; 2**22 made it 3% slower) and sleep
+  a few milliseconds after the last one (benchmarks/blas_spin.py). OpenBLAS reads this only from
+  OPENBLAS_THREAD_TIMEOUT at start-up, so the rank sets the variable, has OpenBLAS read it
+  again and restarts its threads: once per process, before any step.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import threading
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -46,6 +56,55 @@ def set_malloc_thresholds() -> dict:
     return {"malloc": "set", "mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
 
 
+_blas_lock = threading.Lock()
+
+
+def _openblas_libraries() -> list:
+    """The OpenBLAS libraries loaded in this process that export what set_blas_spin needs."""
+    import numpy  # noqa: F401 - loads numpy's BLAS, which threadpoolctl then finds
+    from threadpoolctl import ThreadpoolController
+    found = []
+    for pool in ThreadpoolController().info():
+        if pool.get("internal_api") != "openblas" or pool.get("threading_layer") != "pthreads":
+            continue                                   # an OpenMP build: its threads follow OMP_WAIT_POLICY
+        try:
+            lib = ctypes.CDLL(pool["filepath"])
+        except OSError:
+            continue
+        if all(hasattr(lib, name) for name in ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_")):
+            found.append(lib)
+    return found
+
+
+def set_blas_spin(log2_cycles) -> dict:
+    """OpenBLAS's idle threads spin 2**log2_cycles cycles before sleeping (None: leave them).
+
+    Shutting OpenBLAS's threads down is only safe while no BLAS call runs in this process:
+    it happens at a rank's start-up, under a lock, and only where the value is not yet in
+    force (a second rank in the process finds it set and leaves the threads alone). OpenBLAS
+    starts them again at its next call.
+    """
+    if log2_cycles is None:
+        return {"blas_spin": "untouched"}
+    log2_cycles = int(log2_cycles)                     # 4..30: settings.blas_spin checked it
+    with _blas_lock:
+        libraries = _openblas_libraries()
+        if not libraries:
+            return {"blas_spin": "not a pthreads OpenBLAS"}
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(log2_cycles)   # what openblas_read_env reads
+        for lib in libraries:
+            if lib.openblas_thread_timeout() != log2_cycles:
+                lib.openblas_read_env()
+                lib.blas_thread_shutdown_()
+    return {"blas_spin": log2_cycles}
+
+
+def blas_spin_in_force():
+    """The spin OpenBLAS's threads start with (log2 cycles; 0: OpenBLAS's default, 28), or None."""
+    libraries = _openblas_libraries()
+    return libraries[0].openblas_thread_timeout() if libraries else None
+
+
 def set_blas_threads(threads: int) -> int:
     """BLAS (and OpenMP) pools of this process to `threads`; the threads actually in force."""
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -54,9 +113,11 @@ def set_blas_threads(threads: int) -> int:
     return min(pools) if pools else threads
 
 
-def apply(threads: int) -> dict:
-    """Every setting for a rank with `threads` cores; what is now in force (reported in load info)."""
-    return {"pid": os.getpid(), "blas_threads": set_blas_threads(threads), **set_malloc_thresholds()}
+def apply(threads: int, blas_spin=None) -> dict:
+    """Every setting for a rank with `threads` cores; what is now in force (reported in load info).
+    The spin first: OpenBLAS's restart may read the nanny's thread count, which the next call undoes."""
+    spin = set_blas_spin(blas_spin)
+    return {"pid": os.getpid(), **spin, "blas_threads": set_blas_threads(threads), **set_malloc_thresholds()}
 
 
 def in_force() -> dict:
@@ -69,7 +130,7 @@ def in_force() -> dict:
     a = np.empty(16 * 1024 * 1024, np.uint8)   # noqa: F841 - alive while counted
     during = _mmapped_blocks()
     del a
-    return {"blas_threads": min(pools) if pools else None,
+    return {"blas_threads": min(pools) if pools else None, "blas_spin": blas_spin_in_force(),
             "temporary_mmapped": None if before is None else during > before}
 
 
