@@ -158,6 +158,10 @@ class Contender:
         return json.loads(line)
 
     def ask(self, what: str) -> float:
+        # OpenBLAS's threads in the process asked last spin ~0.1 s after its work and would take a
+        # core from this one's first tenth of a second (the GEMM, asked right after int8's prefill,
+        # measured 0.66 s without the pause; blas_spin.py)
+        time.sleep(0.3)
         self.proc.stdin.write(what + "\n")
         self.proc.stdin.flush()
         return self._answer()[what]
