@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,28 +34,8 @@ from common import random_llama  # noqa: E402
 SIZE = dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000)
 
 
-def other_threads_cpu(pause: float = 0.3) -> float:
-    """CPU seconds this process's threads other than the caller burn in `pause` seconds."""
-    import threading
-    tick = os.sysconf("SC_CLK_TCK")
-    me = str(threading.get_native_id())
-
-    def sample():
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-            out[tid] = (int(fields[11]) + int(fields[12])) / tick
-        return out
-    before = sample()
-    time.sleep(pause)
-    after = sample()
-    return sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items() if tid != me)
-
-
 def serve(path: str, spin: int, args):
     """Load the runner with a rank's settings and this spin; answer each "round" line with one JSON line."""
-    import numpy as np
-
     from daskllm import kernels
     from daskllm.io.checkpoint import Checkpoint
     from daskllm.model.runner import Work
@@ -69,7 +48,6 @@ def serve(path: str, spin: int, args):
     ckpt = Checkpoint(path)
     runner = build_runner(ckpt, full_plan(ckpt.config, Mesh(), {}))
     counter = iter(range(1, 1 << 30))
-    a = np.ones((512, 1024), np.float32)
 
     def step(work):
         t0 = time.perf_counter()
@@ -124,8 +102,7 @@ def serve(path: str, spin: int, args):
     prefill(), decode_one()                                # warm: numba's caches, the KV cache
     print(json.dumps({"settings": settings}), flush=True)
     for _ in sys.stdin:
-        a @ a.T
-        spun = other_threads_cpu()
+        spun = tuning.idle_spin_cpu()
         out = {"spun": spun, "prefill": prefill(), "decode": decode_one(), "joins": joins()}
         for size in args.batches:
             out[f"first {size}"], out[f"steady {size}"] = batch(size)

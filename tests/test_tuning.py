@@ -12,30 +12,16 @@ import pytest
 from daskllm.runtime import settings, tuning
 
 PROBE = r"""
-import json, os, sys, threading, time
+import json, os, sys
 import numpy as np
 from daskllm.runtime import tuning
-
-def other_threads_cpu(pause=0.3):
-    # CPU seconds this process's other threads (OpenBLAS's) burn in the pause after a GEMM
-    tick, me = os.sysconf("SC_CLK_TCK"), str(threading.get_native_id())
-    def sample():
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            f = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-            out[tid] = (int(f[11]) + int(f[12])) / tick
-        return out
-    a = np.ones((256, 256), np.float32)
-    a @ a
-    before = sample(); time.sleep(pause); after = sample()
-    return sum(v - before.get(t, 0.0) for t, v in after.items() if t != me)
 
 spin = json.loads(sys.argv[1])
 out = {"before": tuning.blas_spin_in_force(), "applied": tuning.apply(2, spin)}
 rng = np.random.default_rng(0)
 a = rng.standard_normal((300, 200)).astype(np.float32)
 out["exact"] = bool(np.allclose(a @ a.T, a.astype(np.float64) @ a.T.astype(np.float64), rtol=1e-4, atol=1e-3))
-out["idle_cpu"] = other_threads_cpu()
+out["idle_cpu"] = tuning.idle_spin_cpu()
 out["in_force"] = tuning.in_force()
 tasks = sorted(os.listdir("/proc/self/task"))
 out["again"] = tuning.apply(2, spin)

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -132,6 +133,26 @@ def in_force() -> dict:
     del a
     return {"blas_threads": min(pools) if pools else None, "blas_spin": blas_spin_in_force(),
             "temporary_mmapped": None if before is None else during > before}
+
+
+def idle_spin_cpu(pause: float = 0.3) -> float:
+    """CPU seconds this process's other threads (OpenBLAS's idle ones) burn in the `pause` after a
+    small GEMM: ~0.1 s at OpenBLAS's default spin, ~0 at a rank's (Linux /proc)."""
+    import numpy as np
+    tick, me = os.sysconf("SC_CLK_TCK"), str(threading.get_native_id())
+
+    def sample():
+        seconds = {}
+        for tid in os.listdir("/proc/self/task"):
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            seconds[tid] = (int(fields[11]) + int(fields[12])) / tick       # utime + stime
+        return seconds
+    a = np.ones((256, 256), np.float32)
+    a @ a
+    before = sample()
+    time.sleep(pause)
+    after = sample()
+    return sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items() if tid != me)
 
 
 class _MallInfo2(ctypes.Structure):
