@@ -1,6 +1,6 @@
 """OpenBLAS's idle spin: what 2**N cycles of spinning after each BLAS call costs the steps after it.
 
-Run: python benchmarks/blas_spin.py                  (207M random Llama, spins 28 and 22; ~3 minutes)
+Run: python benchmarks/blas_spin.py                  (207M random Llama, spins 28 and a rank's 24; ~3 minutes)
      python benchmarks/blas_spin.py --spins 28 22 20 18
 
 One process per spin, each the rank's runner (build_runner) on 2 threads with the rank's
@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_llama  # noqa: E402
-
-SIZE = dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000)
+from daskllm.runtime.settings import DEFAULTS  # noqa: E402
+from common import LLAMA_207M, random_llama  # noqa: E402
 
 
 def serve(path: str, spin: int, args):
@@ -111,7 +110,7 @@ def serve(path: str, spin: int, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spins", type=int, nargs="+", default=[28, 22])
+    parser.add_argument("--spins", type=int, nargs="+", default=[28, DEFAULTS["daskllm"]["blas-spin"]])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512)
@@ -122,7 +121,7 @@ def main():
     if args.serve:
         return serve(args.serve[0], int(args.serve[1]), args)
     with tempfile.TemporaryDirectory() as tmp:
-        params = random_llama(tmp, **SIZE)
+        params = random_llama(tmp, **LLAMA_207M)
         print(f"random Llama: {params / 1e6:.0f}M parameters, float32, {args.threads} threads", flush=True)
         flags = ["--steps", str(args.steps), "--prefill", str(args.prefill), "--threads", str(args.threads),
                  "--batches", *map(str, args.batches)]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+# The issue-10 model: a 207M-parameter Llama (hidden 1024, 12 layers, 16/8 heads, MLP 2816, vocab 32000).
+LLAMA_207M = dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000)
+
+
 def random_llama(path, layers=8, hidden=512, heads=None, kv_heads=None, vocab=8000, intermediate=None,
                  max_position=4096, seed=1) -> int:
     """Write a random Llama checkpoint to `path`; returns its parameter count."""

@@ -39,11 +39,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_llama  # noqa: E402
+from common import LLAMA_207M, random_llama  # noqa: E402
 from reference import copy_bandwidth, read_bandwidth  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
-SIZES = {"207M": dict(hidden=1024, layers=12, heads=16, kv_heads=8, intermediate=2816, vocab=32000),
+SIZES = {"207M": LLAMA_207M,
          "0.9B": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=32000)}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import random_llama  # noqa: E402
+from common import LLAMA_207M, random_llama  # noqa: E402
 
 SHAPES = [(2048, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]    # a layer's wqkv, wo, w_gate_up, w_down
 
@@ -106,8 +106,7 @@ def model_child(path, batches, steps):
 def model_table(baseline, batches, steps, rounds):
     with tempfile.TemporaryDirectory(prefix="daskllm-few-") as tmp:
         model = Path(tmp) / "model"
-        random_llama(model, layers=12, hidden=1024, heads=16, kv_heads=8, vocab=32000, intermediate=2816,
-                     max_position=steps + 64)
+        random_llama(model, **LLAMA_207M, max_position=steps + 64)
         trees = {"this checkout": HERE.parent}
         if baseline:
             tree = Path(tmp) / "baseline"

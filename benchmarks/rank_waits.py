@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_llama  # noqa: E402
+from common import LLAMA_207M, random_llama  # noqa: E402
 
 
 def _set_waits(spin_seconds, collective_yield):
@@ -59,8 +59,7 @@ def main(argv=None):
                 "blocks at once": (0.0, True),
                 "polls, then blocks; sleep(0) in collectives": (NEXT_MESSAGE_SPIN, False)}}
     with tempfile.TemporaryDirectory(prefix="daskllm-control-") as tmp:
-        params = random_llama(tmp, layers=args.layers, hidden=1024, heads=16, kv_heads=8, vocab=32000,
-                              intermediate=2816, max_position=args.steps + 64)
+        params = random_llama(tmp, **{**LLAMA_207M, "layers": args.layers}, max_position=args.steps + 64)
         print(f"random Llama: {params / 1e6:.0f}M parameters, float32; 2 cores")
         print("\n| tp | how a rank waits | control path/step | vs shipped | rank compute | vs shipped |")
         print("| --: | :-- | --: | --: | --: | --: |")

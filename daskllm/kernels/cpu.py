@@ -3,10 +3,9 @@
 Legend: T rows of x (tokens), K input width, O output rows of W, nb = ceil(K / 32) blocks.
 
 Decode (few rows): `matvec_*` read each weight once, widen it in registers and multiply;
-output rows are spread over numba's threads. float32 too (`matvec_f32`): OpenBLAS's sgemm
-packs W for 2-8 rows and ran 3x slower than a single row (benchmarks/README.md, "Few rows").
-One flat loop over k from 0 per output row,
-the Q8_0 block scale read as s[k >> 5] (a nested 32-element block loop, or a loop over a
+output rows are spread over numba's threads. float32 has one too (`matvec_f32`): OpenBLAS's
+sgemm packs W for 2-8 rows and ran 3x slower than a single row (benchmarks/README.md, "Few
+rows"). One flat loop over k from 0 per output row, the Q8_0 block scale read as s[k >> 5] (a nested 32-element block loop, or a loop over a
 sub-range, compiled into gathers and ran at a fraction of the bandwidth). Each 16-bit weight
 becomes float32 inside the multiply loop (`_bf16`, `_f16`: LLVM widens 8 at a time, with
 F16C's vcvtph2ps for float16), with no float32 row written in between.
